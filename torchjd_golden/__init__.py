@@ -1,0 +1,30 @@
+"""
+Multi-task gradient-balancing methods as torchjd aggregators and weightings.
+
+Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
+:class:`torchjd.aggregation.Aggregator`, so it drops into ``torchjd.autojac.jac_to_grad`` after
+``backward``/``mtl_backward``, and its Gramian weightings work with the autogram ``Engine``.
+"""
+
+from ._gaba import GABA, GABAWeighting
+from ._golden_pendulum import (
+    PHI,
+    AdaptiveGoldenPendulum,
+    AdaptiveGoldenPendulumWeighting,
+    GoldenPendulum,
+    GoldenPendulumWeighting,
+    golden_ratio_weights,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GABA",
+    "PHI",
+    "AdaptiveGoldenPendulum",
+    "AdaptiveGoldenPendulumWeighting",
+    "GABAWeighting",
+    "GoldenPendulum",
+    "GoldenPendulumWeighting",
+    "golden_ratio_weights",
+]
