@@ -1,0 +1,150 @@
+"""Assertions shared by the tests of every method."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+
+def _no_extra_input(module: nn.Module, matrix: Tensor) -> None:
+    del module, matrix
+
+
+@dataclass
+class Case:
+    """How to build an aggregator or weighting and feed it one step of input."""
+
+    name: str
+    make: Callable[[], nn.Module]
+    prepare: Callable[[nn.Module, Tensor], None] = field(default=_no_extra_input)
+
+    def step(
+        self, module: nn.Module, matrix: Tensor, runner: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """Sets the extra inputs of ``module`` for ``matrix``, then calls ``runner`` (or it)."""
+
+        self.prepare(module, matrix)
+        return (runner if runner is not None else module)(matrix)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected| (absolute error when expected is zero)."""
+
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    return error / scale if scale > 0.0 else error
+
+
+def assert_expected_structure(aggregator: nn.Module, matrix: Tensor) -> None:
+    """The aggregation is a finite vector with one entry per column."""
+
+    vector = aggregator(matrix)
+    assert vector.shape == matrix.shape[1:]
+    assert vector.isfinite().all()
+
+
+def assert_permutation_invariant(aggregator: nn.Module, matrix: Tensor, *, tol: float) -> None:
+    expected = aggregator(matrix)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        permutation = torch.randperm(matrix.shape[0], generator=generator)
+        assert_close(aggregator(matrix[permutation]), expected, atol=tol, rtol=tol)
+
+
+def assert_linear_under_scaling(aggregator: nn.Module, matrix: Tensor, *, tol: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        c1, c2 = torch.rand(2, matrix.shape[0], generator=generator, dtype=matrix.dtype)
+        a, b = torch.rand(2, generator=generator, dtype=matrix.dtype)
+        combined = aggregator(torch.diag(a * c1 + b * c2) @ matrix)
+        expected = a * aggregator(torch.diag(c1) @ matrix) + b * aggregator(torch.diag(c2) @ matrix)
+        assert_close(combined, expected, atol=tol, rtol=tol)
+
+
+def assert_non_differentiable(aggregator: nn.Module, matrix: Tensor) -> None:
+    """No autograd graph is built through the aggregation."""
+
+    vector = aggregator(matrix.clone().requires_grad_(True))
+    assert not vector.requires_grad
+
+
+def state_tensors(module: nn.Module) -> dict[str, Tensor]:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def assert_same_state(left: dict[str, Tensor], right: dict[str, Tensor]) -> None:
+    assert left.keys() == right.keys()
+    for name, value in left.items():
+        assert torch.equal(value, right[name]), name
+
+
+def assert_resumes_bit_identically(case: Case, inputs: Sequence[Tensor], split: int) -> None:
+    """
+    A checkpoint taken after ``split`` steps, saved and loaded with ``weights_only=True`` into a
+    fresh instance, continues exactly as the uninterrupted run.
+    """
+
+    uninterrupted = case.make()
+    expected = [case.step(uninterrupted, x) for x in inputs]
+
+    first = case.make()
+    for x in inputs[:split]:
+        case.step(first, x)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = case.make()
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for x, output in zip(inputs[split:], expected[split:], strict=True):
+        assert torch.equal(case.step(resumed, x), output)
+    assert_same_state(state_tensors(resumed), state_tensors(uninterrupted))
+
+
+def assert_nonfinite_step_is_skipped(
+    case: Case, inputs: Sequence[Tensor], poisoned_index: int
+) -> None:
+    """
+    A step whose input holds inf or NaN gives a non-finite output, leaves the state untouched,
+    and the run then goes on as if that step had never happened.
+    """
+
+    for poison in (torch.inf, -torch.inf, torch.nan):
+        clean = case.make()
+        clean_outputs = [case.step(clean, x) for x in inputs]
+
+        dirty = case.make()
+        for x in inputs[:poisoned_index]:
+            case.step(dirty, x)
+        before = state_tensors(dirty)
+        bad = inputs[poisoned_index].clone()
+        bad[0, 0] = poison
+        assert not case.step(dirty, bad).isfinite().all()
+        if poisoned_index > 0:  # before the first step there is no state to compare yet
+            assert_same_state(state_tensors(dirty), before)
+        for x, output in zip(inputs[poisoned_index:], clean_outputs[poisoned_index:], strict=True):
+            assert torch.equal(case.step(dirty, x), output)
+        assert_same_state(state_tensors(dirty), state_tensors(clean))
+
+
+def assert_compiled_matches_eager(case: Case, inputs: Sequence[Tensor], *, tol: float) -> None:
+    """
+    ``torch.compile(..., backend="eager", fullgraph=True)`` traces the module without a graph
+    break (so no host-device synchronisation happens in its forward) and gives the eager numbers.
+    """
+
+    eager, traced = case.make(), case.make()
+    torch._dynamo.reset()
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)
+    for x in inputs:
+        assert_close(case.step(traced, x, compiled), case.step(eager, x), atol=tol, rtol=tol)
+    for name, value in eager.state_dict().items():
+        assert_close(traced.state_dict()[name], value, atol=tol, rtol=tol)

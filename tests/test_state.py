@@ -1,0 +1,132 @@
+"""The state rules every stateful aggregator and weighting follows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torchjd import Stateful
+
+from torchjd_golden import (
+    GABA,
+    AdaptiveGoldenPendulum,
+    AdaptiveGoldenPendulumWeighting,
+    GABAWeighting,
+)
+
+from ._asserts import (
+    Case,
+    assert_compiled_matches_eager,
+    assert_nonfinite_step_is_skipped,
+    assert_resumes_bit_identically,
+    assert_same_state,
+    state_tensors,
+)
+from ._inputs import conflicting_jacobian
+
+
+def _set_losses_from_rows(module: nn.Module, matrix: Tensor) -> None:
+    """Per-task losses for the adaptive variant: squared row norms of the step's input."""
+
+    diagonal = matrix.diagonal() if matrix.shape[0] == matrix.shape[1] else (matrix**2).sum(dim=1)
+    module.losses = diagonal.abs() + 1e-3  # type: ignore[assignment]
+
+
+def _gramian_case(case: Case) -> bool:
+    return case.name.endswith("Weighting")
+
+
+CASES = [
+    Case("GABA", lambda: GABA(beta=0.9, warmup_steps=2)),
+    Case("GABAWeighting", lambda: GABAWeighting(beta=0.9, warmup_steps=2)),
+    Case("AdaptiveGoldenPendulum", AdaptiveGoldenPendulum, _set_losses_from_rows),
+    Case("AdaptiveGoldenPendulumWeighting", AdaptiveGoldenPendulumWeighting, _set_losses_from_rows),
+]
+
+
+def _inputs(
+    case: Case, m: int = 4, count: int = 8, dtype: torch.dtype = torch.float64
+) -> list[Tensor]:
+    jacobians = [
+        conflicting_jacobian(m, 24, seed=s, decades=4.0, dtype=dtype) for s in range(count)
+    ]
+    return [j @ j.T for j in jacobians] if _gramian_case(case) else jacobians
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_is_stateful(case: Case) -> None:
+    assert isinstance(case.make(), Stateful)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("split", [0, 1, 3])
+def test_checkpoint_resumes_bit_identically_in_a_fresh_instance(case: Case, split: int) -> None:
+    assert_resumes_bit_identically(case, _inputs(case), split)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("poisoned_index", [0, 4])
+def test_non_finite_step_leaves_the_state_untouched(case: Case, poisoned_index: int) -> None:
+    assert_nonfinite_step_is_skipped(case, _inputs(case), poisoned_index)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reset_restores_the_initial_state(case: Case) -> None:
+    inputs = _inputs(case)
+    fresh = case.make()
+    expected = [case.step(fresh, x) for x in inputs[4:]]
+
+    used = case.make()
+    for x in inputs[:4]:
+        case.step(used, x)
+    used.reset()  # type: ignore[operator]
+
+    for x, output in zip(inputs[4:], expected, strict=True):
+        assert torch.equal(case.step(used, x), output)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_change_of_task_count_resets_with_a_warning(case: Case) -> None:
+    module = case.make()
+    for x in _inputs(case, m=3, count=4):
+        case.step(module, x)
+    new_input = _inputs(case, m=5, count=1)[0]
+
+    with pytest.warns(UserWarning, match="received 5 tasks after 3: its state was reset"):
+        output = case.step(module, new_input)
+
+    fresh = case.make()
+    assert torch.equal(output, case.step(fresh, new_input))
+    assert_same_state(state_tensors(module), state_tensors(fresh))
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_input_on_another_device_than_the_state_is_an_error(case: Case) -> None:
+    module = case.make()
+    case.step(module, _inputs(case, count=1)[0])
+    elsewhere = _inputs(case, count=1)[0].to("meta")
+    with pytest.raises(ValueError, match=r"state of .* is on cpu but the input is on meta"):
+        case.step(module, elsewhere)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_state_lives_in_buffers_only(case: Case) -> None:
+    module = case.make()
+    for x in _inputs(case, count=3):
+        case.step(module, x)
+    stray = [
+        name
+        for submodule in module.modules()
+        for name, value in vars(submodule).items()
+        if isinstance(value, Tensor)
+    ]
+    assert stray == []
+    state = module.state_dict()
+    assert state
+    assert all(isinstance(value, Tensor) for value in state.values())
+    assert any(name.endswith("step_count") and int(value) == 3 for name, value in state.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_compiled_forward_matches_eager(case: Case) -> None:
+    assert_compiled_matches_eager(case, _inputs(case, count=5), tol=1e-10)
