@@ -1,0 +1,344 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from golden_pendulum import golden_nash_backward
+from golden_pendulum import golden_ratio_weights as reference_golden_ratio_weights
+from golden_pendulum.pro import AdaptiveLambda
+from torch import Tensor, nn
+from torch.testing import assert_close
+from torchjd.autojac import backward, jac_to_grad
+
+from torchjd_golden import (
+    AdaptiveGoldenPendulum,
+    AdaptiveGoldenPendulumWeighting,
+    GoldenPendulum,
+    GoldenPendulumWeighting,
+    golden_ratio_weights,
+)
+
+from ._asserts import (
+    Case,
+    assert_compiled_matches_eager,
+    assert_expected_structure,
+    assert_linear_under_scaling,
+    assert_non_differentiable,
+    assert_permutation_invariant,
+    relative_error,
+)
+from ._inputs import conflicting_jacobian, scaled_matrices, typical_matrices
+
+SETTINGS = [
+    {"lam": 0.5, "n_iter": 25, "min_weight_fraction": 0.02, "pcgrad": True},
+    {"lam": 0.0, "n_iter": 25, "min_weight_fraction": 0.02, "pcgrad": True},
+    {"lam": 2.0, "n_iter": 10, "min_weight_fraction": 0.1, "pcgrad": False},
+    {"lam": 0.1, "n_iter": 60, "min_weight_fraction": 0.5, "pcgrad": True},
+    {"lam": 1.0, "n_iter": 0, "min_weight_fraction": 0.02, "pcgrad": True},
+]
+
+
+def reference_gradient(jacobian: Tensor, **settings: object) -> tuple[Tensor, Tensor]:
+    """
+    The gradient and the weights that ``golden_nash_backward`` gives for ``jacobian``: the loss
+    of task k is linear in one parameter vector, with gradient row k.
+    """
+
+    parameter = nn.Parameter(torch.zeros(jacobian.shape[1], dtype=jacobian.dtype))
+    model = nn.Module()
+    model.parameter = parameter
+    losses = {f"task{k}": row @ parameter for k, row in enumerate(jacobian)}
+    alpha = golden_nash_backward(losses, model, **settings)  # type: ignore[arg-type]
+    assert parameter.grad is not None
+    return parameter.grad, torch.tensor(list(alpha.values()), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_golden_ratio_weights_equal_the_reference(n_tasks: int, dtype: torch.dtype) -> None:
+    expected = reference_golden_ratio_weights(n_tasks, dtype=dtype)
+    assert torch.equal(golden_ratio_weights(n_tasks, dtype=dtype), expected)
+
+
+def test_golden_ratio_weights_of_the_paper_table() -> None:
+    """
+    The K=2 and K=4 rows of the seed's table. Its K=3, 8 and 16 rows disagree with its own
+    formula and with the reference package (the K=3 row sums to 0.976), so they are not used.
+    """
+
+    assert_close(golden_ratio_weights(2), torch.tensor([0.382, 0.618]), atol=5e-4, rtol=0.0)
+    four = golden_ratio_weights(4)
+    assert_close(four, torch.tensor([0.106, 0.171, 0.276, 0.447]), atol=5e-4, rtol=0.0)
+    assert abs(float(four[0] / four[-1]) - 0.236) < 1e-3
+    ratios = golden_ratio_weights(8)[1:] / golden_ratio_weights(8)[:-1]
+    assert_close(ratios, torch.full((7,), (1.0 + 5.0**0.5) / 2.0))
+
+
+@pytest.mark.parametrize("n_tasks", [0, -1, 2.0, True])
+def test_golden_ratio_weights_reject_bad_task_counts(n_tasks: object) -> None:
+    with pytest.raises(ValueError, match="n_tasks"):
+        golden_ratio_weights(n_tasks)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_matches_golden_nash_backward(
+    m: int, settings: dict[str, object], dtype: torch.dtype, tolerance: float, solver_path: str
+) -> None:
+    jacobian = conflicting_jacobian(m, 48, seed=17 * m, decades=6.0, dtype=dtype)
+    expected_gradient, expected_alpha = reference_gradient(jacobian, **settings)
+    aggregator = GoldenPendulum(**settings)  # type: ignore[arg-type]
+
+    gradient = aggregator(jacobian)
+
+    assert gradient.dtype == dtype
+    assert relative_error(gradient, expected_gradient) < tolerance
+    assert relative_error(aggregator.alpha, expected_alpha) < tolerance
+    expected_balance = expected_alpha.min() / expected_alpha.max()
+    assert abs(float(aggregator.balance_ratio) - float(expected_balance)) < tolerance
+
+
+def test_weights_combine_the_original_rows(solver_path: str) -> None:
+    jacobian = conflicting_jacobian(5, 30, seed=3)
+    weighting = GoldenPendulumWeighting()
+    weights = weighting(jacobian @ jacobian.T)
+    assert_close(weights @ jacobian, GoldenPendulum()(jacobian))
+
+
+def test_one_task_gives_the_raw_gradient() -> None:
+    jacobian = 1e3 * torch.randn(1, 10)
+    assert torch.equal(GoldenPendulum()(jacobian), jacobian[0])
+    assert torch.equal(GoldenPendulumWeighting()(jacobian @ jacobian.T), torch.ones(1))
+
+
+def test_zero_row_gets_zero_weight_and_matches_reference(solver_path: str) -> None:
+    jacobian = conflicting_jacobian(4, 30, seed=8)
+    jacobian[2] = 0.0
+    weights = GoldenPendulumWeighting()(jacobian @ jacobian.T)
+    assert weights[2] == 0.0
+    expected, _ = reference_gradient(jacobian)
+    assert relative_error(weights @ jacobian, expected) < 1e-10
+
+
+@pytest.mark.parametrize("poison", [torch.inf, torch.nan])
+def test_non_finite_jacobian_gives_nan_weights(poison: float) -> None:
+    jacobian = torch.randn(3, 10)
+    jacobian[1, 4] = poison
+    assert GoldenPendulumWeighting()(jacobian @ jacobian.T).isnan().all()
+    assert not GoldenPendulum()(jacobian).isfinite().any()
+
+
+@pytest.mark.parametrize("matrix", typical_matrices + scaled_matrices)
+def test_expected_structure(matrix: Tensor) -> None:
+    assert_expected_structure(GoldenPendulum(), matrix)
+
+
+@pytest.mark.parametrize("matrix", typical_matrices)
+def test_non_differentiable(matrix: Tensor) -> None:
+    assert_non_differentiable(GoldenPendulum(), matrix)
+
+
+def test_invariant_under_positive_row_scaling_hence_not_linear() -> None:
+    """The documented exception to linearity: normalisation makes the output scale-free."""
+
+    jacobian = conflicting_jacobian(4, 20, seed=2, decades=0.0)
+    aggregator = GoldenPendulum()
+    scales = torch.tensor([1e-3, 2.0, 7.0, 1e4], dtype=torch.float64)
+    assert_close(aggregator(scales.unsqueeze(1) * jacobian), aggregator(jacobian))
+    with pytest.raises(AssertionError):
+        assert_linear_under_scaling(aggregator, jacobian, tol=1e-3)
+
+
+def test_not_permutation_invariant() -> None:
+    """The documented exception: targets grow with the task index and PCGrad goes in order."""
+
+    jacobian = conflicting_jacobian(4, 20, seed=5, decades=0.0)
+    with pytest.raises(AssertionError):
+        assert_permutation_invariant(GoldenPendulum(), jacobian, tol=1e-3)
+
+
+def test_trains_like_golden_nash_backward() -> None:
+    """Same parameter gradients, step after step, as the reference's own backward."""
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(3)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    ours, theirs = make_model(), make_model()
+    aggregator = GoldenPendulum()
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.05) for model in (ours, theirs)]
+    scales = torch.tensor([300.0, 1.0, 0.01])
+
+    for _ in range(5):
+        inputs, targets = torch.randn(32, 6), torch.randn(32, 3)
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        our_losses = scales * ((ours(inputs) - targets) ** 2).mean(dim=0)
+        backward(our_losses)
+        jac_to_grad(ours.parameters(), aggregator)
+        their_losses = scales * ((theirs(inputs) - targets) ** 2).mean(dim=0)
+        golden_nash_backward({str(k): loss for k, loss in enumerate(their_losses)}, theirs)
+
+        for mine, reference in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert mine.grad is not None
+            assert reference.grad is not None
+            assert relative_error(mine.grad, reference.grad) < 1e-4
+        for optimizer in optimizers:
+            optimizer.step()
+
+
+def test_compiled_matches_eager() -> None:
+    inputs = [conflicting_jacobian(5, 16, seed=s) for s in range(3)]
+    for make in (GoldenPendulum, GoldenPendulumWeighting):
+        case = Case(make.__name__, make)
+        if make is GoldenPendulumWeighting:
+            inputs = [x @ x.T for x in inputs]
+        assert_compiled_matches_eager(case, inputs, tol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("lam", -0.1),
+        ("lam", float("nan")),
+        ("lam", "0.5"),
+        ("n_iter", -1),
+        ("n_iter", 2.5),
+        ("min_weight_fraction", 0.0),
+        ("min_weight_fraction", 1.5),
+        ("pcgrad", 1),
+    ],
+)
+def test_setters_reject_bad_values(name: str, value: object) -> None:
+    for target in (GoldenPendulum(), GoldenPendulumWeighting()):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            setattr(target, name, value)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        GoldenPendulum(**{name: value})  # type: ignore[arg-type]
+
+
+def test_setters_update_the_weighting() -> None:
+    aggregator = GoldenPendulum()
+    aggregator.lam = 1.5
+    aggregator.pcgrad = False
+    assert aggregator.gramian_weighting.lam == 1.5
+    assert aggregator.gramian_weighting.pcgrad is False
+
+
+def test_representations() -> None:
+    aggregator = GoldenPendulum(lam=0.3, n_iter=10, min_weight_fraction=0.1, pcgrad=False)
+    assert (
+        repr(aggregator)
+        == "GoldenPendulum(lam=0.3, n_iter=10, min_weight_fraction=0.1, pcgrad=False)"
+    )
+    assert str(aggregator) == "GoldenPendulum"
+    assert repr(GoldenPendulumWeighting()).startswith("GoldenPendulumWeighting(lam=0.5, n_iter=25")
+    assert repr(AdaptiveGoldenPendulum()).startswith(
+        "AdaptiveGoldenPendulum(lam_init=0.5, lam_min=0.05"
+    )
+    assert str(AdaptiveGoldenPendulum()) == "AdaptiveGoldenPendulum"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"loss_ratio_aware": False, "sensitivity": 5.0}, {"lam_max": 50.0, "ema_decay": 0.5}],
+    ids=["defaults", "conflict-driven", "wide-bounds"],
+)
+def test_adaptive_follows_adaptive_lambda_over_fifty_steps(settings: dict[str, object]) -> None:
+    """lambda and the gradients of AdaptiveLambda.backward, step after step."""
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(4)
+        return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    ours, theirs = make_model(), make_model()
+    aggregator = AdaptiveGoldenPendulum(**settings)  # type: ignore[arg-type]
+    reference = AdaptiveLambda(**settings)  # type: ignore[arg-type]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.02) for model in (ours, theirs)]
+    scales = torch.tensor([200.0, 1.0, 0.05, 3.0])
+    lams = []
+
+    for _ in range(50):
+        inputs = torch.randn(16, 5)
+        targets = torch.randn(16, 4) * torch.tensor([1.0, -1.0, 1.0, -1.0])
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        our_losses = scales * ((ours(inputs) - targets) ** 2).mean(dim=0)
+        backward(our_losses)
+        aggregator.losses = our_losses
+        jac_to_grad(ours.parameters(), aggregator)
+        their_losses = scales * ((theirs(inputs) - targets) ** 2).mean(dim=0)
+        reference.backward({str(k): loss for k, loss in enumerate(their_losses)}, theirs)
+
+        assert abs(float(aggregator.current_lam) - reference.current_lam) < 1e-9
+        assert abs(float(aggregator.conflict_ratio) - reference.conflict_ratio) < 1e-9
+        assert (
+            abs(float(aggregator.loss_ratio) - reference.loss_ratio) < 1e-6 * reference.loss_ratio
+        )
+        for mine, theirs_parameter in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert mine.grad is not None
+            assert theirs_parameter.grad is not None
+            assert relative_error(mine.grad, theirs_parameter.grad) < 1e-4
+        lams.append(reference.current_lam)
+        for optimizer in optimizers:
+            optimizer.step()
+
+    assert len(set(lams)) >= 3  # lambda really moved
+
+
+def test_adaptive_needs_the_losses_when_loss_ratio_aware() -> None:
+    gramian = torch.eye(3)
+    with pytest.raises(ValueError, match="losses"):
+        AdaptiveGoldenPendulumWeighting()(gramian)
+    weighting = AdaptiveGoldenPendulumWeighting()
+    weighting.losses = torch.ones(2)
+    with pytest.raises(ValueError, match="Expected 3 losses"):
+        weighting(gramian)
+    unaware = AdaptiveGoldenPendulumWeighting(loss_ratio_aware=False)
+    assert unaware(gramian).isfinite().all()
+    assert float(unaware.loss_ratio) == 1.0
+
+
+def test_adaptive_losses_are_used_once() -> None:
+    weighting = AdaptiveGoldenPendulumWeighting()
+    weighting.losses = [torch.tensor(1.0), torch.tensor(2.0), 3.0]
+    weighting(torch.eye(3))
+    assert weighting.losses is None
+    with pytest.raises(ValueError, match="losses"):
+        weighting(torch.eye(3))
+
+
+def test_adaptive_rejects_bad_losses() -> None:
+    weighting = AdaptiveGoldenPendulumWeighting()
+    with pytest.raises(ValueError, match="losses"):
+        weighting.losses = torch.ones(2, 2)
+    with pytest.raises(ValueError, match="losses"):
+        weighting.losses = torch.ones(3, dtype=torch.int64)
+
+
+def test_adaptive_with_one_task_leaves_the_state_alone() -> None:
+    weighting = AdaptiveGoldenPendulumWeighting()
+    assert torch.equal(weighting(torch.eye(1)), torch.ones(1))
+    assert not weighting.state_dict()["step_count"].numel()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("lam_init", -1.0),
+        ("lam_min", 3.0),
+        ("lam_max", 0.01),
+        ("ema_decay", 1.0),
+        ("conflict_target", 1.5),
+        ("sensitivity", -1.0),
+        ("loss_ratio_aware", "yes"),
+        ("n_iter", -3),
+        ("min_weight_fraction", 0.0),
+        ("pcgrad", None),
+    ],
+)
+def test_adaptive_setters_reject_bad_values(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        setattr(AdaptiveGoldenPendulum(), name, value)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        AdaptiveGoldenPendulumWeighting(**{name: value})  # type: ignore[arg-type]
