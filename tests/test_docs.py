@@ -1,0 +1,76 @@
+"""The code shown to users runs: the README's Python blocks and the docstrings' testcode."""
+
+from __future__ import annotations
+
+import doctest
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import torchjd_golden
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+
+
+def _directive_body(lines: list[str], start: int) -> tuple[str, int]:
+    """The indented body of the directive whose header is ``lines[start]``."""
+
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    index = start + 1
+    while index < len(lines) and (
+        not lines[index].strip() or len(lines[index]) - len(lines[index].lstrip()) > indent
+    ):
+        body.append(lines[index])
+        index += 1
+    text = textwrap.dedent("\n".join(body))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(":options:"))
+    return text.strip("\n") + "\n", index
+
+
+def _testcode_examples() -> list[tuple[str, str, str | None]]:
+    """(name, code, expected output or None) for every ``.. testcode::`` in public docstrings."""
+
+    examples = []
+    for name in torchjd_golden.__all__:
+        docstring = inspect.getdoc(getattr(torchjd_golden, name)) or ""
+        lines = docstring.splitlines()
+        for index, line in enumerate(lines):
+            if line.strip() != ".. testcode::":
+                continue
+            code, after = _directive_body(lines, index)
+            while after < len(lines) and not lines[after].strip():
+                after += 1
+            output = None
+            if after < len(lines) and lines[after].strip() == ".. testoutput::":
+                output, _ = _directive_body(lines, after)
+            examples.append((name, code, output))
+    return examples
+
+
+@pytest.mark.parametrize("code", _readme_blocks())
+def test_readme_python_blocks_run(code: str) -> None:
+    exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize(("name", "code", "expected"), _testcode_examples())
+def test_docstring_examples_run(
+    name: str, code: str, expected: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exec(compile(code, f"<docstring of {name}>", "exec"), {})
+    if expected is not None:
+        checker = doctest.OutputChecker()
+        printed = capsys.readouterr().out
+        assert checker.check_output(expected, printed, doctest.ELLIPSIS), printed
+
+
+def test_there_are_examples_to_run() -> None:
+    assert _readme_blocks()
+    assert _testcode_examples()
