@@ -106,7 +106,8 @@ class GABAWeighting(_GramianWeighting, LazyState, _NonDifferentiable):
     def min_weight(self, value: float) -> None:
         self._min_weight = check_real("min_weight", value, low=0.0, high=1.0, high_open=True)
 
-    def _initial_state(self, n_tasks: int, like: Tensor) -> dict[str, Tensor]:
+    def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
+        (n_tasks,) = sizes
         return {
             "ema_weights": torch.full(
                 (n_tasks,), 1.0 / n_tasks, dtype=like.dtype, device=like.device
@@ -117,7 +118,7 @@ class GABAWeighting(_GramianWeighting, LazyState, _NonDifferentiable):
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         n_tasks = gramian.shape[0]
         working = gramian.to(accumulation_dtype(gramian.dtype))
-        self._ensure_state(n_tasks, working)
+        self._ensure_state((n_tasks,), working)
         ema = self.ema_weights
         finite = all_finite(working)
         step = self.step_count + 1

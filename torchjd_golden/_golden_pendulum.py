@@ -529,7 +529,9 @@ class AdaptiveGoldenPendulumWeighting(
         r""":math:`\min_k \alpha_k / \max_k \alpha_k` of the last step (``None`` before any)."""
         return self.alpha.min() / self.alpha.max() if self._has_state else None
 
-    def _initial_state(self, n_tasks: int, like: Tensor) -> dict[str, Tensor]:
+    def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
+        (n_tasks,) = sizes
+
         def scalar(value: float) -> Tensor:
             return torch.tensor(value, dtype=torch.float64, device=like.device)
 
@@ -558,7 +560,7 @@ class AdaptiveGoldenPendulumWeighting(
                 f"Expected {m} losses, one per task. Found shape {tuple(losses.shape)}."
             )
 
-        self._ensure_state(m, working)
+        self._ensure_state((m,), working)
         normalized, _ = normalize_gramian(working, min_norm=_MIN_NORM)
         finite = all_finite(working)
 

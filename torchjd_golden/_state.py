@@ -22,8 +22,9 @@ class LazyState(nn.Module, Stateful):
     Each name in :attr:`_state_names` is a registered buffer, so ``.to()``, ``state_dict()`` and
     ``torch.load(weights_only=True)`` carry all of it. Before the first call the buffers are
     empty; a checkpoint loads into a fresh instance by taking the saved shapes. Subclasses build
-    the initial state in :meth:`_initial_state`; the first buffer's leading dimension is the
-    number of tasks.
+    the initial state in :meth:`_initial_state`; the leading dimensions of the first buffer are
+    the input's sizes the state depends on (the number of tasks, and for some methods the number
+    of parameters).
     """
 
     _state_names: ClassVar[tuple[str, ...]]
@@ -36,13 +37,16 @@ class LazyState(nn.Module, Stateful):
     def _has_state(self) -> bool:
         return self._buffers[self._state_names[0]].numel() > 0  # type: ignore[union-attr]
 
-    def _initial_state(self, n_tasks: int, like: Tensor) -> dict[str, Tensor]:
-        """The state before any step for ``n_tasks`` tasks, on the dtype and device of ``like``."""
+    def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
+        """The state before any step for input ``sizes``, on the dtype and device of ``like``."""
 
         raise NotImplementedError
 
-    def _ensure_state(self, n_tasks: int, like: Tensor) -> None:
-        """Creates the state on the first call, and resets it (with a warning) when m changes."""
+    def _ensure_state(self, sizes: tuple[int, ...], like: Tensor) -> None:
+        """
+        Creates the state on the first call, and resets it with a warning when the input sizes
+        it depends on (``sizes``: the number of tasks, maybe the number of parameters) change.
+        """
 
         if self._has_state:
             state = self._buffers[self._state_names[0]]
@@ -52,14 +56,15 @@ class LazyState(nn.Module, Stateful):
                     f"The state of `{self.__class__.__name__}` is on {state.device} but the input "
                     f"is on {like.device}. Move the aggregator with `.to({str(like.device)!r})`."
                 )
-            if state.shape[0] == n_tasks:
+            previous = tuple(state.shape[: len(sizes)])
+            if previous == sizes:
                 return
             warnings.warn(
-                f"`{self.__class__.__name__}` received {n_tasks} tasks after {state.shape[0]}: "
-                "its state was reset.",
+                f"`{self.__class__.__name__}` received {_describe(sizes)} after "
+                f"{_describe(previous)}: its state was reset.",
                 stacklevel=4,
             )
-        for name, value in self._initial_state(n_tasks, like).items():
+        for name, value in self._initial_state(sizes, like).items():
             setattr(self, name, value)
 
     def _commit(self, finite: Tensor, **new_state: Tensor) -> None:
@@ -97,3 +102,8 @@ class LazyState(nn.Module, Stateful):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def _describe(sizes: tuple[int, ...]) -> str:
+    words = [f"{sizes[0]} tasks"] + [f"{size} parameters" for size in sizes[1:]]
+    return " and ".join(words)
