@@ -13,7 +13,7 @@ from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 from torchjd.autogram import Engine
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from torchjd_golden import GABA, AdaptiveGoldenPendulum, GoldenPendulum
+from torchjd_golden import GABA, AdaptiveGoldenPendulum, ExcessMTL, GoldenPendulum
 
 TASK_SCALES = torch.tensor([300.0, 1.0, 0.01])
 N_STEPS = 4
@@ -41,6 +41,7 @@ METHODS = [
     Method("GoldenPendulum", GoldenPendulum),
     Method("AdaptiveGoldenPendulum", AdaptiveGoldenPendulum, _set_losses),
     Method("GABA", lambda: GABA(beta=0.5, warmup_steps=1)),
+    Method("ExcessMTL", lambda: ExcessMTL(n_warmup_steps=1)),
 ]
 GRAMIAN_METHODS = [m for m in METHODS if isinstance(m.make(), GramianWeightedAggregator)]
 

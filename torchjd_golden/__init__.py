@@ -6,6 +6,7 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 ``backward``/``mtl_backward``, and its Gramian weightings work with the autogram ``Engine``.
 """
 
+from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
 from ._golden_pendulum import (
     PHI,
@@ -23,6 +24,8 @@ __all__ = [
     "PHI",
     "AdaptiveGoldenPendulum",
     "AdaptiveGoldenPendulumWeighting",
+    "ExcessMTL",
+    "ExcessMTLWeighting",
     "GABAWeighting",
     "GoldenPendulum",
     "GoldenPendulumWeighting",

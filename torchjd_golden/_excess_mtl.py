@@ -1,0 +1,207 @@
+r"""
+ExcessMTL: exponentiated task weights driven by excess-risk estimates.
+
+Reference: He et al., `Robust Multi-Task Learning with Excess Risks
+<https://proceedings.mlr.press/v235/he24n.html>`_ (ICML 2024), as implemented by
+``torchjd.aggregation.ExcessMTL`` 0.18.0, whose outputs this module reproduces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchjd import Stateful
+from torchjd.aggregation._mixins import _NonDifferentiable
+from torchjd.aggregation._weighting_bases import _MatrixWeighting
+from torchjd.linalg import Matrix
+
+from ._aggregator_bases import MatrixAggregator, forwarded
+from ._gramian import accumulation_dtype, nan_unless
+from ._state import LazyState
+from ._validation import check_int, check_real
+
+# Added under the square root of the accumulated squares and to the baseline, as the reference.
+_EPS = 1e-7
+
+# Elements of the Jacobian processed at once: each of the two temporaries of a chunk holds this
+# many values (1 MiB in float32, so a chunk stays in cache), whatever the size of the Jacobian.
+_CHUNK_ELEMENTS = 1 << 18
+
+
+def accumulate_excess_risks(matrix: Tensor, squared_sum: Tensor, finite: Tensor) -> Tensor:
+    r"""
+    Adds :math:`J \odot J` to ``squared_sum`` :math:`S` in place and returns the excess-risk
+    estimates :math:`\hat E_k = \sum_j J_{kj}^2 / \sqrt{S_{kj} + 10^{-7}}` (with the updated
+    :math:`S`), the diagonal-AdaGrad proxy of :math:`g_k^\top H_k^{-1} g_k`.
+
+    The columns are processed in chunks, so the only temporaries are two chunk-sized blocks.
+    When ``finite`` (a 0-dim boolean tensor) is false, :math:`S` is left bit-for-bit unchanged.
+    """
+
+    m, n = matrix.shape
+    risks = squared_sum.new_zeros(m)
+    width = max(1, _CHUNK_ELEMENTS // max(m, 1))
+    for start in range(0, n, width):
+        squares = matrix[:, start : start + width].to(squared_sum.dtype).square()
+        squares.masked_fill_(~finite, 0.0)
+        accumulated = squared_sum[:, start : start + width]
+        accumulated.add_(squares)
+        risks += squares.div_(accumulated.add(_EPS).sqrt_()).sum(dim=1)
+    return risks
+
+
+class ExcessMTLWeighting(_MatrixWeighting, LazyState, _NonDifferentiable):
+    r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
+    [:class:`~torchjd.linalg.Matrix`] from `Robust Multi-Task Learning with Excess Risks
+    <https://proceedings.mlr.press/v235/he24n.html>`_ (ICML 2024), with the maths, names and
+    defaults of ``torchjd.aggregation.ExcessMTLWeighting`` 0.18.0.
+
+    It needs per-coordinate squared gradients, so it is a weighting of the Jacobian
+    :math:`J`, not of its Gramian. At each call :math:`t`:
+
+    .. math::
+
+        S \leftarrow S + J \odot J, \qquad
+        \hat E_k = \sum_j \frac{J_{kj}^2}{\sqrt{S_{kj} + 10^{-7}}}
+        \quad \text{(equations 6 and 7)}
+
+    During the first ``n_warmup_steps`` calls the weights stay uniform and :math:`\hat E` is
+    summed. The first call after the warm-up sets the baseline :math:`b`: the average of those
+    sums, or, without warm-up, that call's own :math:`\hat E` (which is then used unscaled, as
+    the official implementation does). Every later call scales :math:`\hat E_k` by
+    :math:`1 / (b_k + 10^{-7})` and updates the weights on the simplex by an exponentiated
+    gradient step (equation 9), in log space:
+
+    .. math::
+
+        \alpha \leftarrow \mathrm{softmax}\big(\log \alpha + \eta_\alpha \hat E\big),
+        \qquad \alpha_0 = (1/m, \dots, 1/m)
+
+    **State and memory.** The state is the :math:`m \times n` matrix :math:`S` (the size of the
+    Jacobian, in float32 for a half-precision Jacobian), the weights, the warm-up sum, the
+    baseline and the step count, all in buffers (``state_dict`` carries them; a checkpoint loads
+    into a fresh instance). A call works on chunks of columns in place: besides :math:`S` it
+    allocates two blocks of about 1 MiB, not copies of the Jacobian. Call :meth:`reset` between
+    experiments to free :math:`S`. A change in the number of tasks or of parameters resets the
+    state with a warning.
+
+    **Non-finite input.** A Jacobian with inf or NaN leaves every part of the state untouched and
+    gives NaN weights, so a ``GradScaler`` skips the step and the next step proceeds as if it
+    never happened. (torchjd's class accumulates the inf into :math:`S` and returns NaN from then
+    on.)
+
+    :param robust_step_size: Step size :math:`\eta_\alpha > 0` of the exponentiated update.
+    :param n_warmup_steps: Number of first calls with uniform weights that collect the baseline.
+        The paper (Appendix C.1) recommends three epochs: ``3 * len(dataloader)``.
+    """
+
+    _state_names = ("sq_grad_sum", "task_weights", "warmup_excess_sum", "baseline", "step_count")
+    sq_grad_sum: Tensor
+    task_weights: Tensor
+    warmup_excess_sum: Tensor
+    baseline: Tensor
+    step_count: Tensor
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+        super().__init__()
+        self.robust_step_size = robust_step_size
+        self.n_warmup_steps = n_warmup_steps
+        self._register_state()
+
+    @property
+    def robust_step_size(self) -> float:
+        """Step size of the exponentiated weight update."""
+        return self._robust_step_size
+
+    @robust_step_size.setter
+    def robust_step_size(self, value: float) -> None:
+        self._robust_step_size = check_real("robust_step_size", value, low=0.0, low_open=True)
+
+    @property
+    def n_warmup_steps(self) -> int:
+        """Number of first calls with uniform weights, collecting the baseline."""
+        return self._n_warmup_steps
+
+    @n_warmup_steps.setter
+    def n_warmup_steps(self, value: int) -> None:
+        self._n_warmup_steps = check_int("n_warmup_steps", value, low=0)
+
+    def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
+        m, n = sizes
+        dtype, device = accumulation_dtype(like.dtype), like.device
+        return {
+            "sq_grad_sum": torch.zeros(m, n, dtype=dtype, device=device),
+            "task_weights": torch.full((m,), 1.0 / m, dtype=dtype, device=device),
+            "warmup_excess_sum": torch.zeros(m, dtype=dtype, device=device),
+            "baseline": torch.zeros(m, dtype=dtype, device=device),
+            "step_count": torch.zeros((), dtype=torch.int64, device=device),
+        }
+
+    def forward(self, matrix: Matrix, /) -> Tensor:
+        self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
+        # One reduction over J decides, before S is touched, whether this step may change state.
+        finite = torch.isfinite(matrix.sum(dtype=self.sq_grad_sum.dtype))
+        risks = accumulate_excess_risks(matrix.detach(), self.sq_grad_sum, finite)
+
+        step = self.step_count
+        in_warmup = step < self.n_warmup_steps
+        sets_baseline = step == self.n_warmup_steps
+        if self.n_warmup_steps > 0:
+            first_baseline = self.warmup_excess_sum / self.n_warmup_steps
+            scaled_first = risks / (first_baseline + _EPS)
+        else:
+            first_baseline = risks
+            scaled_first = risks
+        baseline = torch.where(sets_baseline, first_baseline, self.baseline)
+        scaled = torch.where(sets_baseline, scaled_first, risks / (baseline + _EPS))
+        updated = torch.softmax(
+            torch.log(self.task_weights) + scaled * self.robust_step_size, dim=0
+        )
+        weights = torch.where(in_warmup, self.task_weights, updated)
+
+        self._commit(
+            finite,
+            task_weights=weights,
+            warmup_excess_sum=torch.where(
+                in_warmup, self.warmup_excess_sum + risks, self.warmup_excess_sum
+            ),
+            baseline=baseline,
+            step_count=step + 1,
+        )
+        return nan_unless(finite, weights).to(matrix.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.__class__.__name__}(robust_step_size={self.robust_step_size!r}, "
+            f"n_warmup_steps={self.n_warmup_steps!r})"
+        )
+
+
+class ExcessMTL(MatrixAggregator, Stateful, _NonDifferentiable):
+    r"""
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.WeightedAggregator` from `Robust
+    Multi-Task Learning with Excess Risks <https://proceedings.mlr.press/v235/he24n.html>`_
+    (ICML 2024): a drop-in replacement for ``torchjd.aggregation.ExcessMTL`` with the same
+    outputs, whose state survives ``state_dict`` round trips and overflow steps, and whose calls
+    add no Jacobian-sized temporaries. See :class:`ExcessMTLWeighting` for the maths and the
+    memory cost.
+
+    :param robust_step_size: Step size :math:`\eta_\alpha > 0` of the exponentiated update.
+    :param n_warmup_steps: Number of first calls with uniform weights that collect the baseline.
+    """
+
+    weighting: ExcessMTLWeighting
+
+    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+        super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+
+    robust_step_size = forwarded("robust_step_size")
+    n_warmup_steps = forwarded("n_warmup_steps")
+
+    def reset(self) -> None:
+        """Frees the accumulated squares; the next call starts from uniform weights and warm-up."""
+        self.weighting.reset()
+
+    def __repr__(self) -> str:
+        return repr(self.weighting).replace("Weighting", "", 1)
