@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator, Mean
 from torchjd.autojac import jac_to_grad, mtl_backward
 
-from torchjd_golden import GABA, AdaptiveGoldenPendulum, GoldenPendulum
+from torchjd_golden import GABA, AdaptiveGoldenPendulum, ExcessMTL, GoldenPendulum
 
 N_TASKS = 4
 LOSS_SCALES = torch.tensor([300.0, 1.0, 1.0, 0.01])  # ranking-, classification-, regression-like
@@ -107,6 +107,7 @@ def main() -> None:
         "GoldenPendulum": GoldenPendulum(),
         "AdaptiveGoldenPendulum": AdaptiveGoldenPendulum(),
         "GABA": GABA(warmup_steps=20),
+        "ExcessMTL": ExcessMTL(n_warmup_steps=20),
     }
     scales = ", ".join(f"{s:g}" for s in LOSS_SCALES.tolist())
     print(f"{N_TASKS} tasks, loss scales [{scales}], {args.steps} steps\n")
