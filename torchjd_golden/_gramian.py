@@ -55,22 +55,22 @@ def compute_gramian(matrix: Tensor, other: Tensor | None = None) -> Tensor:
     return gramian
 
 
-def combine_rows(weights: Tensor, matrix: Tensor) -> Tensor:
+def combine_rows(weights: Tensor, matrix: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     r"""
-    Returns :math:`w^\top J`, in the dtype of ``matrix``.
+    Returns :math:`w^\top J`, in ``dtype`` (by default the dtype of ``matrix``).
 
     With a half-precision ``matrix`` the product is accumulated in float32 chunk by chunk, so that
     large weights (such as the inverse norms of tiny rows) are not rounded or saturated first.
     """
 
-    dtype = accumulation_dtype(matrix.dtype)
-    if matrix.dtype == dtype:
-        return weights.to(dtype) @ matrix
+    accumulation = accumulation_dtype(matrix.dtype)
+    if matrix.dtype == accumulation:
+        return (weights.to(accumulation) @ matrix).to(dtype or matrix.dtype)
 
-    weights = weights.to(dtype)
-    combination = matrix.new_empty(matrix.shape[1])
+    weights = weights.to(accumulation)
+    combination = matrix.new_empty(matrix.shape[1], dtype=dtype or matrix.dtype)
     for start in range(0, matrix.shape[1], _UPCAST_CHUNK):
-        block = matrix[:, start : start + _UPCAST_CHUNK].to(dtype)
+        block = matrix[:, start : start + _UPCAST_CHUNK].to(accumulation)
         combination[start : start + _UPCAST_CHUNK] = weights @ block
     return combination
 

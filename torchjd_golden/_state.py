@@ -42,6 +42,14 @@ class LazyState(nn.Module, Stateful):
 
         raise NotImplementedError
 
+    def _state_sizes(self, count: int) -> tuple[int, ...]:
+        """The input sizes the current state was built for (by default, the leading dimensions
+        of the first buffer)."""
+
+        state = self._buffers[self._state_names[0]]
+        assert state is not None
+        return tuple(state.shape[:count])
+
     def _ensure_state(self, sizes: tuple[int, ...], like: Tensor) -> None:
         """
         Creates the state on the first call, and resets it with a warning when the input sizes
@@ -56,7 +64,7 @@ class LazyState(nn.Module, Stateful):
                     f"The state of `{self.__class__.__name__}` is on {state.device} but the input "
                     f"is on {like.device}. Move the aggregator with `.to({str(like.device)!r})`."
                 )
-            previous = tuple(state.shape[: len(sizes)])
+            previous = self._state_sizes(len(sizes))
             if previous == sizes:
                 return
             warnings.warn(
@@ -72,7 +80,8 @@ class LazyState(nn.Module, Stateful):
 
         for name, value in new_state.items():
             buffer = getattr(self, name)
-            buffer.copy_(torch.where(finite, value.to(buffer.dtype), buffer))
+            # In place (one pass, and the buffer keeps its address for CUDA graphs).
+            torch.where(finite, value.to(buffer.dtype), buffer, out=buffer)
 
     def reset(self) -> None:
         """Forgets all state: the next call behaves as the first call of a new instance."""
