@@ -14,6 +14,8 @@ from torchjd_golden import (
     ExcessMTL,
     ExcessMTLWeighting,
     GABAWeighting,
+    GCond,
+    GCondWeighting,
 )
 
 from ._asserts import (
@@ -35,7 +37,7 @@ def _set_losses_from_rows(module: nn.Module, matrix: Tensor) -> None:
 
 
 def _gramian_case(case: Case) -> bool:
-    return case.name.endswith("Weighting") and not case.name.startswith("ExcessMTL")
+    return case.name.endswith("Weighting") and not case.name.startswith(("ExcessMTL", "GCond"))
 
 
 CASES = [
@@ -45,6 +47,8 @@ CASES = [
     Case("AdaptiveGoldenPendulumWeighting", AdaptiveGoldenPendulumWeighting, _set_losses_from_rows),
     Case("ExcessMTL", lambda: ExcessMTL(n_warmup_steps=2)),
     Case("ExcessMTLWeighting", lambda: ExcessMTLWeighting(robust_step_size=0.5)),
+    Case("GCond", lambda: GCond(norm_cap=5.0)),
+    Case("GCondWeighting", lambda: GCondWeighting(use_smooth_logic=False)),
 ]
 
 

@@ -6,8 +6,10 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 ``backward``/``mtl_backward``, and its Gramian weightings work with the autogram ``Engine``.
 """
 
+from ._accumulation import backward_task
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
+from ._gcond import GCond, GCondWeighting
 from ._golden_pendulum import (
     PHI,
     AdaptiveGoldenPendulum,
@@ -27,7 +29,10 @@ __all__ = [
     "ExcessMTL",
     "ExcessMTLWeighting",
     "GABAWeighting",
+    "GCond",
+    "GCondWeighting",
     "GoldenPendulum",
     "GoldenPendulumWeighting",
+    "backward_task",
     "golden_ratio_weights",
 ]

@@ -1,0 +1,345 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchjd.autojac import backward, jac_to_grad
+
+from torchjd_golden import GCond, GCondWeighting, _gramian, backward_task
+
+from ._asserts import assert_expected_structure, assert_non_differentiable, relative_error
+from ._inputs import conflicting_jacobian, scaled_matrices, typical_matrices
+
+VECTORS = json.loads((Path(__file__).parent / "data" / "gcond_vectors.json").read_text())
+SEQUENCES = VECTORS["sequences"]
+
+
+def _from_config(config: dict[str, Any]) -> GCond:
+    arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    assert arguments.pop("use_lion") is False
+    return GCond(**arguments)
+
+
+def _ordered_history(weighting: GCondWeighting) -> list[int]:
+    """The winner history, oldest first, read out of the ring buffer."""
+
+    window, count = weighting.dominance_window, int(weighting.winner_count)
+    ring = weighting.winner_history.tolist()
+    return [ring[k % window] for k in range(max(0, count - window), count)] if window else []
+
+
+@pytest.mark.parametrize("sequence", SEQUENCES, ids=[s["name"] for s in SEQUENCES])
+def test_matches_the_official_implementation(sequence: dict[str, Any], solver_path: str) -> None:
+    aggregator = _from_config(sequence["config"])
+    captured: list[Tensor] = []
+    aggregator.weighting.register_forward_hook(lambda _m, _i, output: captured.append(output))
+
+    for step in sequence["steps"]:
+        jacobian = torch.tensor(step["jacobian"])
+        update = aggregator(jacobian)
+        resolved = captured[-1] @ jacobian
+
+        assert relative_error(resolved, torch.tensor(step["resolved"])) < 1e-5
+        assert relative_error(update, torch.tensor(step["update"])) < 1e-5
+        weighting = aggregator.weighting
+        assert_close(weighting.norm_ema, torch.tensor(step["norm_ema_after"], dtype=torch.float64))
+        if step["discrete_robust"]:
+            assert float(weighting.proj_iters) == step["proj_iters"]
+            assert _ordered_history(weighting) == step["history_after"]
+            assert abs(float(weighting.min_cosine_sim) - step["min_cosine_sim"]) < 1e-5
+
+
+def test_without_momentum_the_update_is_the_resolved_gradient() -> None:
+    aggregator = GCond(momentum_beta=0.0)
+    weighting = GCondWeighting()
+    for seed in range(3):
+        jacobian = conflicting_jacobian(4, 30, seed=seed, decades=1.0, dtype=torch.float32)
+        assert_close(aggregator(jacobian), weighting(jacobian) @ jacobian)
+    assert aggregator.momentum.numel() == 0  # nothing stored
+
+
+def test_momentum_is_bias_corrected() -> None:
+    """Two steps by hand: m1 = (1-b) g1, m2 = b m1 + (1-b) g2, update_t = m_t / (1 - b^t)."""
+
+    beta = 0.85
+    aggregator, weighting = GCond(momentum_beta=beta), GCondWeighting()
+    jacobians = [conflicting_jacobian(3, 20, seed=s, decades=1.0) for s in (1, 2)]
+    resolved = [weighting(j) @ j for j in jacobians]
+    first = (1 - beta) * resolved[0]
+    second = beta * first + (1 - beta) * resolved[1]
+    assert_close(aggregator(jacobians[0]), first / (1 - beta))
+    assert_close(aggregator(jacobians[1]), second / (1 - beta**2))
+
+
+def test_one_task_is_passed_through(solver_path: str) -> None:
+    """The reference returns a single task's gradient untouched: no cap, no norm average."""
+
+    weighting = GCondWeighting(norm_cap=0.1)
+    jacobian = 5.0 * torch.randn(1, 12)
+    assert torch.equal(weighting(jacobian), torch.ones(1))
+    assert torch.equal(weighting.norm_ema, torch.ones(1, dtype=torch.float64))
+    aggregator = GCond(norm_cap=0.1)
+    assert_close(aggregator(jacobian), jacobian[0])  # bias-corrected momentum of one step
+
+
+def test_zero_rows_are_never_paired(solver_path: str) -> None:
+    """A zero row takes no part: the others resolve as if it were absent (same iteration cap)."""
+
+    jacobian = conflicting_jacobian(3, 25, seed=4, decades=0.5)
+    with_zero = torch.stack([jacobian[0], torch.zeros(25, dtype=torch.float64), jacobian[2]])
+    weights = GCondWeighting(projection_max_iters=4)(with_zero)
+    expected = GCondWeighting(projection_max_iters=4)(jacobian[[0, 2]]) @ jacobian[[0, 2]]
+    assert_close(weights @ with_zero, expected)
+
+
+@pytest.mark.parametrize("use_smooth_logic", [True, False])
+def test_exactly_anti_parallel_rows_keep_the_winner(
+    use_smooth_logic: bool, solver_path: str
+) -> None:
+    """
+    Rows g and -2g: cosine -1, critical zone. On the first step stability is 0 and the strength
+    of row k is (|r_k| / e_k) / sum, with e_k = 0.95 + 0.05 |r_k|: row 1 (norm 2) wins, and the
+    loser is removed (zeroed in legacy mode, projected to ~0 in smooth mode).
+    """
+
+    g = torch.randn(16, dtype=torch.float64)
+    g = g / g.norm()
+    jacobian = torch.stack([g, -2.0 * g])
+    weighting = GCondWeighting(use_smooth_logic=use_smooth_logic)
+    resolved = weighting(jacobian) @ jacobian
+    assert_close(resolved, -2.0 * g, atol=1e-7, rtol=1e-7)
+    assert float(weighting.min_cosine_sim) == pytest.approx(-1.0)
+    assert _ordered_history(weighting)[0] == 1
+
+
+def test_a_single_iteration_resolves_only_the_worst_pair(solver_path: str) -> None:
+    """
+    projection_max_iters=1, legacy logic: only the pair with the smallest cosine is resolved,
+    here in the main zone: the loser is projected off the winner (PCGrad), nothing else moves.
+    """
+
+    rows = torch.tensor([[1.0, 0.0, 0.0], [-0.6, 0.8, 0.0], [-0.3, -0.2, 0.9]], dtype=torch.float64)
+    weighting = GCondWeighting(use_smooth_logic=False, projection_max_iters=1)
+    resolved = weighting(rows) @ rows
+
+    cosines = (
+        torch.nn.functional.normalize(rows, dim=1) @ torch.nn.functional.normalize(rows, dim=1).T
+    )
+    assert float(cosines[0, 1]) == pytest.approx(-0.6)  # the worst pair, in the main zone
+    assert float(weighting.proj_iters) == 1.0
+    # First step, stability 0: the longer row relative to its norm average wins; equal norms
+    # (both 1) give a tie, which goes to the first row of the pair.
+    loser = rows[1] - (rows[1] @ rows[0]) / (rows[0] @ rows[0] + 1e-8) * rows[0]
+    assert_close(resolved, rows[0] + loser + rows[2])
+
+
+def test_the_stochastic_helper_fills_each_row_with_the_averaged_task_gradient() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    parameters = list(model.parameters())
+    n_tasks, per_task = 3, 2
+    batches = [(torch.randn(5, 4), torch.randn(5, 3)) for _ in range(n_tasks * per_task)]
+
+    expected_rows = []
+    for task in range(n_tasks):
+        gradients = []
+        for x, y in batches[task * per_task : (task + 1) * per_task]:
+            loss = ((model(x)[:, task] - y[:, task]) ** 2).mean()
+            grads = torch.autograd.grad(loss, parameters)
+            gradients.append(torch.cat([g.flatten() for g in grads]))
+        expected_rows.append(torch.stack(gradients).mean(dim=0))
+
+    for k, (x, y) in enumerate(batches):
+        task = k // per_task
+        loss = ((model(x)[:, task] - y[:, task]) ** 2).mean()
+        backward_task(loss, task, n_tasks, scale=1.0 / per_task)
+
+    jacobian = torch.cat([p.jac.flatten(start_dim=1) for p in parameters], dim=1)  # type: ignore[attr-defined]
+    assert_close(jacobian, torch.stack(expected_rows))
+
+
+def test_backward_task_equals_torchjd_backward_with_a_one_hot_row() -> None:
+    """Same .jac fields as torchjd's own accumulation, also when mixed with it."""
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    results = []
+    for ours in (True, False):
+        backward(((model(x) - y) ** 2).mean(dim=0))  # a first, full accumulation
+        loss = ((model(x)[:, 2] - y[:, 2]) ** 2).mean()
+        if ours:
+            backward_task(loss, 2, 3, scale=0.5)
+        else:
+            backward(loss, jac_tensors=torch.tensor([0.0, 0.0, 0.5]))
+        results.append([p.jac.clone() for p in model.parameters()])  # type: ignore[attr-defined]
+        for p in model.parameters():
+            del p.jac  # type: ignore[attr-defined]
+    for mine, torchjds in zip(*results, strict=True):
+        assert_close(mine, torchjds)
+
+
+def test_backward_task_with_explicit_inputs_and_unused_ones() -> None:
+    used, unused = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    backward_task((used**2).sum(), 1, 2, inputs=[used, unused])
+    assert_close(used.jac, torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]]))  # type: ignore[attr-defined]
+    assert_close(unused.jac, torch.zeros(2, 2))  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="rows"):
+        backward_task((used**2).sum(), 0, 5, inputs=[used])
+    with pytest.raises(ValueError, match="requires_grad"):
+        backward_task((used**2).sum(), 0, 2, inputs=[used.detach()])
+
+
+def test_the_stochastic_cycle_feeds_gcond() -> None:
+    """jac_to_grad after a stochastic cycle equals GCond on the averaged per-task gradients."""
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3))
+    parameters = list(model.parameters())
+    batches = [(torch.randn(5, 4), torch.randn(5, 3)) for _ in range(3)]
+    rows = []
+    for task, (x, y) in enumerate(batches):
+        loss = ((model(x)[:, task] - y[:, task]) ** 2).mean()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)]))
+        backward_task(((model(x)[:, task] - y[:, task]) ** 2).mean(), task, 3)
+    weights = jac_to_grad(parameters, GCond())
+    expected = GCond()(torch.stack(rows))
+    assert_close(torch.cat([p.grad.flatten() for p in parameters]), expected)  # type: ignore[union-attr]
+    assert weights is not None
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"loss": torch.ones(2)}, "scalar"),
+        ({"task": 3}, "task"),
+        ({"task": -1}, "task"),
+        ({"n_tasks": 0}, "n_tasks"),
+    ],
+)
+def test_the_stochastic_helper_rejects_bad_input(arguments: dict[str, Any], message: str) -> None:
+    parameter = torch.ones(2, requires_grad=True)
+    call = {"loss": (parameter**2).sum(), "task": 0, "n_tasks": 3} | arguments
+    with pytest.raises(ValueError, match=message):
+        backward_task(**call)
+
+
+class _LargeOperationCounter(TorchDispatchMode):
+    """Counts the operations that touch a tensor with at least ``threshold`` elements."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold, self.count = threshold, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        tensors = [
+            a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)
+        ]
+        if any(t.numel() >= self.threshold for t in tensors):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("solver", ["host", "device"])
+def test_no_parameter_sized_work_per_pair_or_iteration(
+    solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The operations that touch n-sized tensors are the same few whatever m and however many
+    resolution iterations run: the resolution itself works on m x m matrices.
+    """
+
+    monkeypatch.setattr(_gramian, "host_solvers_enabled", solver == "host")
+    n = 1000
+    counts, iterations = {}, {}
+    for m in (2, 12):
+        aggregator = GCond()
+        jacobian = conflicting_jacobian(m, n, seed=m, decades=0.5, dtype=torch.float32)
+        aggregator(jacobian)
+        with _LargeOperationCounter(n) as counter:
+            aggregator(jacobian)
+        counts[m] = counter.count
+        iterations[m] = float(aggregator.weighting.proj_iters)
+    assert iterations[12] >= 12  # many pairs were resolved at m=12, few at m=2
+    assert iterations[2] <= 4
+    assert counts[2] == counts[12]
+    assert counts[2] <= 12
+
+
+@pytest.mark.parametrize("matrix", typical_matrices + scaled_matrices)
+def test_expected_structure(matrix: Tensor) -> None:
+    assert_expected_structure(GCond(), matrix)
+
+
+@pytest.mark.parametrize("matrix", typical_matrices)
+def test_non_differentiable(matrix: Tensor) -> None:
+    assert_non_differentiable(GCond(), matrix)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("conflict_thresholds", (-0.8, -0.5)),
+        ("conflict_thresholds", (-0.5, -0.8, 0.0)),
+        ("conflict_thresholds", (-1.5, -0.5, 0.0)),
+        ("conflict_thresholds", "abc"),
+        ("use_smooth_logic", 1),
+        ("remap_power", 0.0),
+        ("dominance_window", -1),
+        ("tie_breaking_weights", (0.0, 0.0)),
+        ("tie_breaking_weights", (0.5,)),
+        ("tie_breaking_weights", (-0.5, 1.0)),
+        ("norm_ema_beta", 1.0),
+        ("norm_cap", 0.0),
+        ("projection_max_iters", 0),
+        ("momentum_beta", 1.0),
+        ("momentum_beta", -0.1),
+        ("eps", 0.0),
+    ],
+)
+def test_setters_reject_bad_values(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        setattr(GCond(), name, value)
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        GCond(**{name: value})  # type: ignore[arg-type]
+    if name != "momentum_beta":
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            GCondWeighting(**{name: value})  # type: ignore[arg-type]
+
+
+def test_setters_accept_the_reference_defaults_and_update_the_weighting() -> None:
+    aggregator = GCond()
+    aggregator.conflict_thresholds = [-0.9, -0.6, -0.1]  # type: ignore[assignment]
+    aggregator.norm_cap = 2.0
+    assert aggregator.weighting.conflict_thresholds == (-0.9, -0.6, -0.1)
+    assert aggregator.weighting.norm_cap == 2.0
+
+
+def test_changing_the_window_restarts_the_history() -> None:
+    weighting = GCondWeighting(dominance_window=3)
+    jacobian = conflicting_jacobian(3, 20, seed=6, decades=0.5)
+    weighting(jacobian)
+    weighting.dominance_window = 5
+    weighting(jacobian)
+    assert weighting.winner_history.shape == (5,)
+    assert int(weighting.winner_count) <= float(weighting.proj_iters)  # only the new call's winners
+
+
+def test_representations() -> None:
+    expected = (
+        "GCond(conflict_thresholds=(-0.8, -0.5, 0.0), use_smooth_logic=True, remap_power=2.0, "
+        "dominance_window=3, tie_breaking_weights=(0.8, 0.2), norm_ema_beta=0.95, norm_cap=None, "
+        "projection_max_iters=None, momentum_beta=0.85, eps=1e-08)"
+    )
+    assert repr(GCond()) == expected
+    assert repr(GCondWeighting()).startswith("GCondWeighting(conflict_thresholds=(-0.8, -0.5, 0.0)")
+    assert repr(GCondWeighting()).endswith("projection_max_iters=None, eps=1e-08)")
+    assert str(GCond()) == "GCond"
+    assert math.isclose(GCond().eps, 1e-8)
