@@ -35,13 +35,18 @@ def _directive_body(lines: list[str], start: int) -> tuple[str, int]:
     return text.strip("\n") + "\n", index
 
 
-def _testcode_examples() -> list[tuple[str, str, str | None]]:
-    """(name, code, expected output or None) for every ``.. testcode::`` in public docstrings."""
+def _testcode_examples() -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """
+    For each public object with ``.. testcode::`` blocks in its docstring: its name and the
+    blocks, each with its expected output or None. The blocks of one docstring share a namespace,
+    as in Sphinx's default doctest group.
+    """
 
     examples = []
     for name in torchjd_golden.__all__:
         docstring = inspect.getdoc(getattr(torchjd_golden, name)) or ""
         lines = docstring.splitlines()
+        blocks: list[tuple[str, str | None]] = []
         for index, line in enumerate(lines):
             if line.strip() != ".. testcode::":
                 continue
@@ -51,7 +56,9 @@ def _testcode_examples() -> list[tuple[str, str, str | None]]:
             output = None
             if after < len(lines) and lines[after].strip() == ".. testoutput::":
                 output, _ = _directive_body(lines, after)
-            examples.append((name, code, output))
+            blocks.append((code, output))
+        if blocks:
+            examples.append((name, blocks))
     return examples
 
 
@@ -60,15 +67,18 @@ def test_readme_python_blocks_run(code: str) -> None:
     exec(compile(code, "README.md", "exec"), {})
 
 
-@pytest.mark.parametrize(("name", "code", "expected"), _testcode_examples())
+@pytest.mark.parametrize(("name", "blocks"), _testcode_examples())
 def test_docstring_examples_run(
-    name: str, code: str, expected: str | None, capsys: pytest.CaptureFixture[str]
+    name: str, blocks: list[tuple[str, str | None]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    exec(compile(code, f"<docstring of {name}>", "exec"), {})
-    if expected is not None:
-        checker = doctest.OutputChecker()
-        printed = capsys.readouterr().out
-        assert checker.check_output(expected, printed, doctest.ELLIPSIS), printed
+    namespace: dict[str, object] = {}
+    checker = doctest.OutputChecker()
+    for code, expected in blocks:
+        capsys.readouterr()
+        exec(compile(code, f"<docstring of {name}>", "exec"), namespace)
+        if expected is not None:
+            printed = capsys.readouterr().out
+            assert checker.check_output(expected, printed, doctest.ELLIPSIS), printed
 
 
 def test_there_are_examples_to_run() -> None:

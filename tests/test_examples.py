@@ -1,0 +1,40 @@
+"""Every script in examples/ runs, at small sizes, and prints its table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "compare_methods.py": (["--steps", "60"], "GoldenPendulum"),
+    "gcond_accumulation.py": (["--steps", "5", "--micro-batches", "3"], "stochastic"),
+}
+
+
+def test_every_example_is_run() -> None:
+    assert {path.name for path in (ROOT / "examples").glob("*.py")} == set(RUNS)
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_example_runs(script: str) -> None:
+    arguments, expected = RUNS[script]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *arguments],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
