@@ -181,7 +181,7 @@ from torchjd.aggregation import ExcessMTL as TorchJDExcessMTL
 from benchmarks._measure import extra_peak_bytes
 from torchjd_golden import ExcessMTL
 
-jacobian = torch.randn(8, 1_000_000)
+jacobian = torch.randn(8, 2_000_000)  # 64 MB: above glibc's largest mmap threshold
 size = jacobian.numel() * jacobian.element_size()
 ours, theirs = ExcessMTL(), TorchJDExcessMTL()
 for warm_up in (ExcessMTL(), TorchJDExcessMTL()):  # loads the code pages of the ops first
