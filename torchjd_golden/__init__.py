@@ -7,6 +7,8 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 """
 
 from ._accumulation import backward_task
+from ._amp import with_grad_scaler
+from ._config import aggregator_from_config, available_names, weighting_from_config
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
 from ._gcond import GCond, GCondWeighting
@@ -18,6 +20,7 @@ from ._golden_pendulum import (
     GoldenPendulumWeighting,
     golden_ratio_weights,
 )
+from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
 
 __version__ = "0.1.0"
 
@@ -33,6 +36,13 @@ __all__ = [
     "GCondWeighting",
     "GoldenPendulum",
     "GoldenPendulumWeighting",
+    "GramianDiagnostics",
+    "WeightLogger",
+    "aggregator_from_config",
+    "available_names",
     "backward_task",
     "golden_ratio_weights",
+    "gramian_diagnostics",
+    "weighting_from_config",
+    "with_grad_scaler",
 ]

@@ -1,0 +1,211 @@
+"""
+Building aggregators and weightings by name, from a dict, a YAML or JSON file, or an OmegaConf
+node, so that a config file picks the method.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torchjd.aggregation as torchjd_aggregation
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
+
+ENTRY_POINT_GROUP = "torchjd_golden"
+"""The entry-point group under which aggregators and weightings are registered (ours included)."""
+
+Kind = Literal["aggregator", "weighting"]
+_BASES: dict[Kind, type] = {"aggregator": Aggregator, "weighting": Weighting}
+_ABSTRACT = {Aggregator, WeightedAggregator, GramianWeightedAggregator, Weighting}
+_FILE_SUFFIXES = {".yaml", ".yml", ".json"}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    factory: Callable[..., Any]
+
+
+def aggregator_from_config(spec: object) -> Aggregator:
+    """
+    Builds an aggregator from ``spec``: a name, or a mapping with ``name`` (or Hydra's
+    ``_target_``) and keyword arguments; given directly, as an OmegaConf node, or as the path of a
+    YAML or JSON file holding either.
+
+    Names cover this package's aggregators and every aggregator torchjd exports (``UPGrad``,
+    ``MGDA``, ``Mean``, ``PCGrad``, ...), case-insensitively, with snake_case or kebab-case
+    aliases (``golden_pendulum``, ``excess-mtl``), plus those other packages register under the
+    ``torchjd_golden`` entry-point group. Where both packages define a name (``ExcessMTL``), this
+    package's class is used; ``torchjd.ExcessMTL`` names torchjd's. Lists become tensors for
+    tensor parameters (``pref_vector``), and mappings become weightings for weighting parameters.
+
+    >>> aggregator_from_config({"name": "golden_pendulum", "lam": 0.3})
+    GoldenPendulum(lam=0.3, n_iter=25, min_weight_fraction=0.02, pcgrad=True)
+
+    :raises ValueError: For an unknown name or keyword (the message lists the valid ones), or a
+        spec of the wrong form.
+    """
+
+    aggregator: Aggregator = _build("aggregator", spec)
+    return aggregator
+
+
+def weighting_from_config(spec: object) -> Weighting[Any]:
+    """
+    Builds a weighting from ``spec``, as :func:`aggregator_from_config` builds an aggregator:
+    ``"golden_pendulum"`` and ``"GoldenPendulumWeighting"`` both name
+    :class:`~torchjd_golden.GoldenPendulumWeighting`, e.g. to use with the autogram ``Engine``.
+    """
+
+    weighting: Weighting[Any] = _build("weighting", spec)
+    return weighting
+
+
+def available_names(kind: Kind = "aggregator") -> list[str]:
+    """
+    The names :func:`aggregator_from_config` (or :func:`weighting_from_config`) knows, each class
+    once, plus the qualified names of the classes another one shadows (``torchjd.ExcessMTL``).
+    """
+
+    registry = _registry(kind)
+    names = set()
+    for entry in registry.values():
+        short = entry.name.rpartition(".")[2]
+        if "." not in entry.name or registry[_normalize(kind, short)].factory is not entry.factory:
+            names.add(entry.name)
+    return sorted(names, key=str.lower)
+
+
+def _build(kind: Kind, spec: object) -> Any:
+    name, keywords = _parse(kind, _read(spec))
+    entry = _lookup(kind, name)
+    return entry.factory(**_prepare_keywords(entry, keywords))
+
+
+def _read(spec: object) -> object:
+    if isinstance(spec, os.PathLike) or (
+        isinstance(spec, str) and Path(spec).suffix.lower() in _FILE_SUFFIXES
+    ):
+        return _read_file(Path(spec))
+    if type(spec).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf  # noqa: PLC0415 - only needed for OmegaConf input
+
+        return OmegaConf.to_container(spec, resolve=True)
+    return spec
+
+
+def _read_file(path: Path) -> object:
+    if not path.is_file():
+        raise ValueError(f"The config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        return json.loads(text)
+    try:
+        import yaml  # type: ignore[import-untyped]  # noqa: PLC0415 - an optional dependency
+    except ImportError as error:
+        raise ImportError(
+            "Reading a YAML config needs PyYAML: pip install 'torchjd-golden[config]'."
+        ) from error
+    return yaml.safe_load(text)
+
+
+def _parse(kind: Kind, spec: object) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        keywords = dict(spec)
+        names = [keywords.pop(key) for key in ("name", "_target_") if key in keywords]
+        if len(names) == 1 and isinstance(names[0], str):
+            return names[0], keywords
+    raise ValueError(
+        f"A {kind} config must be a name, or a mapping with a `name` (or `_target_`) string and "
+        f"keyword arguments. Found {spec!r}."
+    )
+
+
+def _lookup(kind: Kind, name: str) -> _Entry:
+    entry = _registry(kind).get(_normalize(kind, name))
+    if entry is None:
+        raise ValueError(
+            f"Unknown {kind} {name!r}. Valid names (case-insensitive, snake_case accepted): "
+            f"{', '.join(available_names(kind))}."
+        )
+    return entry
+
+
+def _prepare_keywords(entry: _Entry, keywords: dict[str, Any]) -> dict[str, Any]:
+    parameters = inspect.signature(entry.factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    valid = [n for n, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = sorted(set(keywords) - set(valid))
+    if unknown and not takes_any:
+        raise ValueError(
+            f"Unknown keyword(s) {', '.join(map(repr, unknown))} for {entry.name}. "
+            f"Valid keywords: {', '.join(valid) or '(none)'}."
+        )
+    return {key: _convert(parameters.get(key), value) for key, value in keywords.items()}
+
+
+def _convert(parameter: inspect.Parameter | None, value: Any) -> Any:
+    """A list for a tensor parameter becomes a tensor; a spec for a weighting, a weighting."""
+
+    annotation = "" if parameter is None else str(parameter.annotation)
+    if "Weighting" in annotation and isinstance(value, str | Mapping):
+        return weighting_from_config(value)
+    if "Tensor" in annotation and isinstance(value, list | tuple):
+        return torch.tensor(value)
+    return value
+
+
+def _normalize(kind: Kind, name: str) -> str:
+    key = name.strip().lower().replace("_", "").replace("-", "")
+    key = key.replace("torchjd.aggregation.", "torchjd.")
+    if kind == "weighting" and key.endswith("weighting"):
+        key = key.removesuffix("weighting")
+    return key
+
+
+@cache
+def _registry(kind: Kind) -> dict[str, _Entry]:
+    """Normalised name -> entry: this package first, then torchjd, then entry-point plugins."""
+
+    import torchjd_golden  # noqa: PLC0415 - the package imports this module
+
+    registry: dict[str, _Entry] = {}
+    sources = [
+        ("torchjd_golden", {n: getattr(torchjd_golden, n) for n in torchjd_golden.__all__}),
+        ("torchjd", {n: getattr(torchjd_aggregation, n) for n in torchjd_aggregation.__all__}),
+    ]
+    for package, objects in sources:
+        for name, obj in objects.items():
+            if _is_buildable(kind, obj):
+                _register(kind, registry, package, name, obj)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        if _normalize(kind, point.name) not in registry:
+            loaded = point.load()
+            if _is_buildable(kind, loaded):
+                _register(kind, registry, point.value.partition(":")[0], point.name, loaded)
+    return registry
+
+
+def _is_buildable(kind: Kind, obj: object) -> bool:
+    return (
+        isinstance(obj, type)
+        and issubclass(obj, _BASES[kind])
+        and obj not in _ABSTRACT
+        and not inspect.isabstract(obj)
+    )
+
+
+def _register(kind: Kind, registry: dict[str, _Entry], package: str, name: str, obj: type) -> None:
+    qualified = f"{package}.{name}"
+    registry.setdefault(_normalize(kind, name), _Entry(name, obj))
+    registry.setdefault(_normalize(kind, qualified), _Entry(qualified, obj))
