@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "compare_methods.py": (["--steps", "60"], "GoldenPendulum"),
+    "config_swap.py": ([str(ROOT / "examples" / "configs" / "upgrad.yaml")], "aggregator: UPGrad"),
     "gcond_accumulation.py": (["--steps", "5", "--micro-batches", "3"], "stochastic"),
+    "lightning_resume.py": (["--epochs", "2"], "resumed vs uninterrupted: 0\n"),
 }
 
 
