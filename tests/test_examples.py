@@ -12,7 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
-    "compare_methods.py": (["--steps", "60"], "GoldenPendulum"),
+    "amp.py": (["--steps", "20"], "with_grad_scaler"),
+    "autogram.py": (["--steps", "5"], "engine vs autojac"),
+    "autojac.py": (["--steps", "5"], "GCond"),
+    "monitoring.py": (["--steps", "6"], "JSON lines and TensorBoard"),
     "config_swap.py": ([str(ROOT / "examples" / "configs" / "upgrad.yaml")], "aggregator: UPGrad"),
     "gcond_accumulation.py": (["--steps", "5", "--micro-batches", "3"], "stochastic"),
     "lightning_resume.py": (["--epochs", "2"], "resumed vs uninterrupted: 0\n"),
