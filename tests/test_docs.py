@@ -5,6 +5,8 @@ from __future__ import annotations
 import doctest
 import inspect
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -84,3 +86,27 @@ def test_docstring_examples_run(
 def test_there_are_examples_to_run() -> None:
     assert _readme_blocks()
     assert _testcode_examples()
+
+
+@pytest.mark.parametrize("builder", ["html", "doctest"])
+def test_the_sphinx_site_builds_without_warnings(builder: str, tmp_path: Path) -> None:
+    """The documentation builds with warnings as errors, and every example in it runs."""
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            builder,
+            str(ROOT / "docs"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -18,6 +18,7 @@ from ._asserts import (
     Case,
     assert_compiled_matches_eager,
     assert_expected_structure,
+    assert_linear_under_scaling,
     assert_non_differentiable,
     assert_nonfinite_step_is_skipped,
     assert_resumes_bit_identically,
@@ -237,3 +238,19 @@ def test_representations() -> None:
     )
     assert repr(ExcessMTL()) == repr(TorchJDExcessMTL())
     assert str(ExcessMTL()) == "ExcessMTL"
+
+
+def test_not_linear_under_scaling() -> None:
+    """
+    The documented exception: the excess risks are exponentiated. (With very unequal rows the
+    weights saturate to one task, and the aggregation is then linear: small rows show it.)
+    """
+
+    jacobian = 0.1 * torch.randn(3, 3, generator=torch.Generator().manual_seed(7))
+
+    class FreshExcessMTL(torch.nn.Module):
+        def forward(self, matrix: Tensor) -> Tensor:
+            return ExcessMTL()(matrix)
+
+    with pytest.raises(AssertionError):
+        assert_linear_under_scaling(FreshExcessMTL(), jacobian, tol=1e-3)

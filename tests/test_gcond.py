@@ -343,3 +343,38 @@ def test_representations() -> None:
     assert repr(GCondWeighting()).endswith("projection_max_iters=None, eps=1e-08)")
     assert str(GCond()) == "GCond"
     assert math.isclose(GCond().eps, 1e-8)
+
+
+@pytest.mark.parametrize("use_smooth_logic", [True, False])
+def test_ties_go_to_the_first_task_so_order_matters(use_smooth_logic: bool) -> None:
+    """
+    The documented exception to permutation invariance: exactly anti-parallel rows of equal norm
+    tie in the arbitration, and the tie goes to the first row of the pair (as in the reference).
+    """
+
+    g = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
+    rows = torch.stack([g, -g])
+    update = GCond(use_smooth_logic=use_smooth_logic)(rows)
+    permuted = GCond(use_smooth_logic=use_smooth_logic)(rows.flip(0))
+    assert_close(update, g, atol=1e-7, rtol=1e-7)
+    assert_close(permuted, -g, atol=1e-7, rtol=1e-7)
+
+
+def test_not_linear_under_scaling_when_the_arbitration_flips() -> None:
+    """
+    The documented exception to linearity: the arbitrator compares each norm with its running
+    average, so rescaling a row can change the winner. Rows g and -2g: scaled by (1, 1) row 1
+    wins, by (3, 1) row 0 wins; their mean scaling (2, 1) ties and row 0 wins.
+    """
+
+    g = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
+    rows = torch.stack([g, -2.0 * g])
+
+    def aggregate(scales: tuple[float, float]) -> Tensor:
+        return GCond()(torch.tensor(scales, dtype=torch.float64).unsqueeze(1) * rows)
+
+    assert_close(aggregate((1.0, 1.0)), -2.0 * g, atol=1e-7, rtol=1e-7)
+    assert_close(aggregate((3.0, 1.0)), 3.0 * g, atol=1e-7, rtol=1e-7)
+    midpoint = aggregate((2.0, 1.0))
+    assert_close(midpoint, 2.0 * g, atol=1e-7, rtol=1e-7)
+    assert not torch.allclose(midpoint, (aggregate((1.0, 1.0)) + aggregate((3.0, 1.0))) / 2)
