@@ -109,7 +109,7 @@ def _read_file(path: Path) -> object:
     if path.suffix.lower() == ".json":
         return json.loads(text)
     try:
-        import yaml  # type: ignore[import-untyped]  # noqa: PLC0415 - an optional dependency
+        import yaml  # noqa: PLC0415 - an optional dependency
     except ImportError as error:
         raise ImportError(
             "Reading a YAML config needs PyYAML: pip install 'torchjd-golden[config]'."
