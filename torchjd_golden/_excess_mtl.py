@@ -46,7 +46,7 @@ def accumulate_excess_risks(matrix: Tensor, squared_sum: Tensor, finite: Tensor)
         squares.masked_fill_(~finite, 0.0)
         accumulated = squared_sum[:, start : start + width]
         accumulated.add_(squares)
-        risks += squares.div_(accumulated.add(_EPS).sqrt_()).sum(dim=1)
+        risks += squares.mul_(accumulated.add(_EPS).rsqrt_()).sum(dim=1)
     return risks
 
 

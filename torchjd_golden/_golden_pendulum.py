@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import mul
 
 import torch
 from torch import Tensor
@@ -104,17 +105,14 @@ def _golden_qp_on_host(
     alpha = list(targets)
     for t in range(n_iter):
         step = 0.05 / (1.0 + 0.1 * t)
+        # sum(map(mul, ...)) keeps the m x m product in C: this loop is the QP's whole cost.
         alpha = [
-            max(a - step * (2.0 * _dot(row, alpha) + lam * _sign(a - target)), min_weight)
+            max(a - step * (2.0 * sum(map(mul, row, alpha)) + lam * _sign(a - target)), min_weight)
             for row, a, target in zip(gramian, alpha, targets, strict=True)
         ]
         total = sum(alpha)
         alpha = [a / total for a in alpha]
     return alpha
-
-
-def _dot(left: Sequence[float], right: Sequence[float]) -> float:
-    return sum(a * b for a, b in zip(left, right, strict=True))
 
 
 def _sign(value: float) -> float:

@@ -17,6 +17,8 @@ sixty times cheaper than dispatching one tiny tensor operation per scalar.
 
 from __future__ import annotations
 
+from operator import sub
+
 import torch
 from torch import Tensor
 
@@ -181,8 +183,7 @@ def _pcgrad_on_host(
 
 
 def _subtract_scaled_row(matrix: list[list[float]], target: int, source: int, step: float) -> None:
-    source_row = matrix[source]
-    matrix[target] = [t - step * s for t, s in zip(matrix[target], source_row, strict=True)]
+    matrix[target] = list(map(sub, matrix[target], [step * s for s in matrix[source]]))
 
 
 def _update_inner_products(inner: list[list[float]], moved: int, fixed: int, step: float) -> None:
