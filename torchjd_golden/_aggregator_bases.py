@@ -6,10 +6,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from torch import Tensor
-from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator, Weighting
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
 from torchjd.linalg import Matrix, PSDMatrix
 
 from ._gramian import combine_rows, compute_gramian
+from ._validation import check_input
 
 
 class GramianAggregator(GramianWeightedAggregator):
@@ -23,6 +24,9 @@ class GramianAggregator(GramianWeightedAggregator):
         gramian_of = cast(Callable[[Matrix], PSDMatrix], compute_gramian)
         self.weighting = gramian_weighting << gramian_of
 
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return _checked_call(self, matrix)
+
     @staticmethod
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
         return combine_rows(weights, matrix)
@@ -34,9 +38,18 @@ class GramianAggregator(GramianWeightedAggregator):
 class MatrixAggregator(WeightedAggregator):
     """:class:`~torchjd.aggregation.WeightedAggregator` giving an output in the Jacobian's dtype."""
 
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return _checked_call(self, matrix)
+
     @staticmethod
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
         return combine_rows(weights, matrix)
+
+
+def _checked_call(aggregator: Aggregator, matrix: Tensor) -> Tensor:
+    # Before torchjd's own check, which assumes a tensor; the Gramian would hide an empty Jacobian.
+    check_input(matrix, aggregator, gramian=False)
+    return Aggregator.__call__(aggregator, matrix)
 
 
 def forwarded(name: str, doc: str | None = None) -> Any:

@@ -18,7 +18,7 @@ from torchjd.linalg import Matrix
 from ._aggregator_bases import MatrixAggregator, forwarded
 from ._gramian import accumulation_dtype, nan_unless
 from ._state import LazyState
-from ._validation import check_int, check_real
+from ._validation import check_input, check_int, check_real
 
 # Added under the square root of the accumulated squares and to the baseline, as the reference.
 _EPS = 1e-7
@@ -139,6 +139,7 @@ class ExcessMTLWeighting(_MatrixWeighting, LazyState, _NonDifferentiable):
         }
 
     def forward(self, matrix: Matrix, /) -> Tensor:
+        check_input(matrix, self, gramian=False)
         self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
         # One reduction over J decides, before S is touched, whether this step may change state.
         finite = torch.isfinite(matrix.sum(dtype=self.sq_grad_sum.dtype))

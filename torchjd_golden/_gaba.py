@@ -17,7 +17,7 @@ from torchjd.linalg import PSDMatrix
 from ._aggregator_bases import GramianAggregator, forwarded
 from ._gramian import accumulation_dtype, all_finite, nan_unless, row_norms
 from ._state import LazyState
-from ._validation import check_int, check_real
+from ._validation import check_input, check_int, check_real
 
 # The reference adds this to the sum of the norms before dividing by it.
 _NORM_SUM_EPS = 1e-12
@@ -116,6 +116,7 @@ class GABAWeighting(_GramianWeighting, LazyState, _NonDifferentiable):
         }
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
+        check_input(gramian, self, gramian=True)
         n_tasks = gramian.shape[0]
         working = gramian.to(accumulation_dtype(gramian.dtype))
         self._ensure_state((n_tasks,), working)

@@ -23,7 +23,7 @@ from torchjd.linalg import Matrix
 from ._aggregator_bases import MatrixAggregator, forwarded
 from ._gramian import accumulation_dtype, all_finite, combine_rows, nan_unless, runs_on_host
 from ._state import LazyState
-from ._validation import check_bool, check_int, check_real
+from ._validation import check_bool, check_input, check_int, check_real
 
 _HALF_PI = math.pi / 2.0
 
@@ -706,6 +706,7 @@ class GCondWeighting(_GCondParameters, _MatrixWeighting, LazyState, _NonDifferen
         }
 
     def forward(self, matrix: Matrix, /) -> Tensor:
+        check_input(matrix, self, gramian=False)
         m, n = matrix.shape
         self._ensure_state((m, n), matrix)
         if self.winner_history.numel() != self.dominance_window:  # the window was changed

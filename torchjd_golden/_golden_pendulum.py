@@ -29,7 +29,7 @@ from ._gramian import (
     runs_on_host,
 )
 from ._state import LazyState
-from ._validation import check_bool, check_int, check_real
+from ._validation import check_bool, check_input, check_int, check_real
 
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
 """The golden ratio :math:`\\varphi = (1 + \\sqrt 5) / 2`."""
@@ -239,6 +239,7 @@ class GoldenPendulumWeighting(_GoldenPendulumParameters, _GramianWeighting, _Non
         return None if self.alpha is None else self.alpha.min() / self.alpha.max()
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
+        check_input(gramian, self, gramian=True)
         compute_dtype = accumulation_dtype(gramian.dtype)
         working = gramian.to(compute_dtype)
         if gramian.shape[0] == 1:
@@ -542,6 +543,7 @@ class AdaptiveGoldenPendulumWeighting(
         }
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
+        check_input(gramian, self, gramian=True)
         losses, self._losses = self._losses, None
         m = gramian.shape[0]
         compute_dtype = accumulation_dtype(gramian.dtype)

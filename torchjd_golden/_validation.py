@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 
+from torch import Tensor
+
 
 def check_real(
     name: str,
@@ -46,3 +48,33 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"Attribute `{name}` must be a bool. Found {name}={value!r}.")
     return value
+
+
+def check_input(stat: Tensor, owner: object, *, gramian: bool) -> None:
+    """
+    Raises a ``ValueError`` naming the problem unless ``stat`` is a non-empty floating-point
+    matrix (square for a Gramian). Only shapes and dtypes are read: no host synchronisation.
+    """
+
+    kind = "Gramian" if gramian else "Jacobian"
+    name = type(owner).__name__
+    if not isinstance(stat, Tensor):
+        raise ValueError(f"`{name}` expects a {kind} tensor. Found {type(stat).__name__}.")
+    if stat.ndim != 2:
+        raise ValueError(
+            f"`{name}` expects a {kind} matrix (2 dimensions). Found shape {tuple(stat.shape)}."
+        )
+    if not stat.is_floating_point():
+        raise ValueError(f"`{name}` expects a floating-point {kind}. Found dtype {stat.dtype}.")
+    if gramian and stat.shape[0] != stat.shape[1]:
+        raise ValueError(
+            f"`{name}` expects a square Gramian (m x m). Found shape {tuple(stat.shape)}."
+        )
+    if stat.shape[0] == 0:
+        raise ValueError(
+            f"`{name}` needs at least one task (row). Found shape {tuple(stat.shape)}."
+        )
+    if stat.shape[1] == 0:
+        raise ValueError(
+            f"`{name}` needs at least one parameter (column). Found shape {tuple(stat.shape)}."
+        )
