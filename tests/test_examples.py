@@ -16,6 +16,7 @@ RUNS = {
     "autogram.py": (["--steps", "5"], "engine vs autojac"),
     "autojac.py": (["--steps", "5"], "GCond"),
     "monitoring.py": (["--steps", "6"], "JSON lines and TensorBoard"),
+    "ddp.py": (["--steps", "3"], "GABA             sharded_jac_to_grad"),
     "config_swap.py": ([str(ROOT / "examples" / "configs" / "upgrad.yaml")], "aggregator: UPGrad"),
     "gcond_accumulation.py": (["--steps", "5", "--micro-batches", "3"], "stochastic"),
     "lightning_resume.py": (["--epochs", "2"], "resumed vs uninterrupted: 0\n"),

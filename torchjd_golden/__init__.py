@@ -9,6 +9,7 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 from ._accumulation import backward_task
 from ._amp import with_grad_scaler
 from ._config import aggregator_from_config, available_names, weighting_from_config
+from ._distributed import sharded_jac_to_grad, sync_jacobians
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
 from ._gcond import GCond, GCondWeighting
@@ -43,6 +44,8 @@ __all__ = [
     "backward_task",
     "golden_ratio_weights",
     "gramian_diagnostics",
+    "sharded_jac_to_grad",
+    "sync_jacobians",
     "weighting_from_config",
     "with_grad_scaler",
 ]
