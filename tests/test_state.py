@@ -78,6 +78,47 @@ def test_non_finite_step_leaves_the_state_untouched(case: Case, poisoned_index: 
     assert_nonfinite_step_is_skipped(case, _inputs(case), poisoned_index)
 
 
+def _poisoned(matrix: Tensor, kind: int) -> Tensor:
+    """The ways an overflowing step shows up: one inf, one -inf, one NaN, a row, everything."""
+
+    bad = matrix.clone()
+    if kind == 0:
+        bad[0, 0] = torch.inf
+    elif kind == 1:
+        bad[-1, -1] = -torch.inf
+    elif kind == 2:
+        bad[bad.shape[0] // 2, 1] = torch.nan
+    elif kind == 3:
+        bad[1] = torch.inf
+    else:
+        bad.fill_(torch.nan)
+    return bad
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_scattered_overflow_steps_leave_the_run_unchanged(case: Case) -> None:
+    """
+    A run with inf/NaN steps before the first clean step, in a row, and at the end gives the
+    outputs and the final state of the run without them, bit for bit. The extra inputs of the
+    bad steps are those of a clean step: under AMP the losses stay finite while J overflows.
+    """
+
+    inputs = _inputs(case, count=10)
+    clean = case.make()
+    expected = [case.step(clean, x) for x in inputs]
+
+    bad_before = {0: [0, 4], 3: [1, 2, 3], 6: [4], 10: [0, 3]}  # clean index -> poisons before it
+    dirty = case.make()
+    for index in range(len(inputs) + 1):
+        for kind in bad_before.get(index, []):
+            source = inputs[min(index, len(inputs) - 1)]
+            case.prepare(dirty, source)
+            assert not dirty(_poisoned(source, kind)).isfinite().all()
+        if index < len(inputs):
+            assert torch.equal(case.step(dirty, inputs[index]), expected[index])
+    assert_same_state(state_tensors(dirty), state_tensors(clean))
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_reset_restores_the_initial_state(case: Case) -> None:
     inputs = _inputs(case)
