@@ -44,6 +44,12 @@ def peak_memory_supported() -> bool:
     return True
 
 
+def resident_bytes() -> int:
+    """The resident memory of this process now (Linux)."""
+
+    return _status_bytes("VmRSS")
+
+
 def extra_peak_bytes(function: Callable[[], object]) -> int:
     """
     How far the resident memory of this process rises above its level before ``function`` runs:
