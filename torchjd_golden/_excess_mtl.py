@@ -40,13 +40,16 @@ def accumulate_excess_risks(matrix: Tensor, squared_sum: Tensor, finite: Tensor)
 
     m, n = matrix.shape
     risks = squared_sum.new_zeros(m)
+    zero = squared_sum.new_zeros(())
     width = max(1, _CHUNK_ELEMENTS // max(m, 1))
     for start in range(0, n, width):
-        squares = matrix[:, start : start + width].to(squared_sum.dtype).square()
-        squares.masked_fill_(~finite, 0.0)
+        # A copy in the state's dtype, zero on a non-finite step so that S stays unchanged.
+        chunk = matrix[:, start : start + width].to(squared_sum.dtype)
+        gradients = torch.where(finite, chunk, zero)
         accumulated = squared_sum[:, start : start + width]
-        accumulated.add_(squares)
-        risks += squares.mul_(accumulated.add(_EPS).rsqrt_()).sum(dim=1)
+        accumulated.addcmul_(gradients, gradients)
+        inverse_roots = accumulated.add(_EPS).rsqrt_()
+        risks += torch.linalg.vecdot(inverse_roots.mul_(gradients), gradients, dim=1)
     return risks
 
 
