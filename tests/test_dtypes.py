@@ -136,3 +136,22 @@ def test_state_moved_away_from_the_input_is_named(name: str) -> None:
     module.to("meta")
     with pytest.raises(ValueError, match="is on meta but the input is on cpu"):
         module(_steps(torch.float32, "cpu", count=1)[0])
+
+
+# Defined only where a GPU is present, rather than skipped everywhere else.
+if torch.cuda.is_available():
+
+    @pytest.mark.parametrize("name", AGGREGATORS)
+    def test_no_forward_synchronises_with_the_host(name: str) -> None:
+        """``set_sync_debug_mode("error")`` makes any device-to-host synchronisation an error."""
+
+        aggregator = AGGREGATORS[name]().to("cuda")
+        steps = _steps(torch.float32, "cuda")
+        aggregator(steps[0])  # the first call allocates the state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outputs = [aggregator(jacobian) for jacobian in steps[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(output.isfinite().all() for output in outputs)
