@@ -80,7 +80,8 @@ def worker(rank: int, init_file: str, steps: int) -> None:
             difference, loss = train(rank, aggregator, sharded, steps)
             if rank == 0:
                 how = "sharded_jac_to_grad" if sharded else "sync_jacobians"
-                print(f"{name:17s}{how:20s}{loss:10.3f}   {difference:.1e}")
+                print(f"{name:17s}{how:20s}{loss:10.3f}   {difference:.1e}", flush=True)
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 

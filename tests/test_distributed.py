@@ -119,6 +119,7 @@ def _worker(rank: int, init_file: str, output: str) -> None:
     )
     try:
         torch.save({name: train(name, rank) for name in RUNS}, Path(output) / f"rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
