@@ -1,4 +1,8 @@
-"""Bad input gets a clear error that names the problem, never a wrong result."""
+"""
+Bad input gets a clear error that names the problem, never a wrong result. (An input on another
+device than the state, and a change in the number of tasks, are covered with the other state
+rules in test_state.py; unknown config keys in test_config.py.)
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ from torchjd_golden import (
     GCondWeighting,
     GoldenPendulum,
     GoldenPendulumWeighting,
-    aggregator_from_config,
 )
 
 AGGREGATORS: dict[str, Callable[[], nn.Module]] = {
@@ -74,28 +77,3 @@ def test_empty_jacobians_are_named(name: str, shape: tuple[int, int], message: s
 def test_a_non_square_gramian_is_named(name: str) -> None:
     with pytest.raises(ValueError, match=r"square Gramian \(m x m\). Found shape \(2, 3\)"):
         ALL[name]()(torch.ones(2, 3))
-
-
-@pytest.mark.parametrize(
-    "name", [n for n in ALL if n not in ("GoldenPendulum", "GoldenPendulumWeighting")]
-)
-def test_an_input_on_another_device_than_the_state_is_named(name: str) -> None:
-    module = ALL[name]()
-    jacobian = torch.randn(3, 5)
-    stat = jacobian @ jacobian.T if name in GRAMIAN_WEIGHTINGS else jacobian
-    module(stat)
-    with pytest.raises(ValueError, match="is on cpu but the input is on meta"):
-        module(stat.to("meta"))
-
-
-def test_a_config_with_unknown_keys_is_named() -> None:
-    with pytest.raises(ValueError, match=r"Unknown keyword\(s\) 'momentum' for GCond"):
-        aggregator_from_config({"name": "gcond", "momentum": 0.9})
-
-
-def test_a_change_of_task_count_resets_with_a_warning() -> None:
-    aggregator = GABA(warmup_steps=0)
-    aggregator(torch.randn(3, 5))
-    with pytest.warns(UserWarning, match="received 4 tasks after 3 tasks"):
-        weights_after = aggregator.gramian_weighting(torch.eye(4))
-    assert torch.equal(weights_after, GABAWeighting(warmup_steps=0)(torch.eye(4)))
