@@ -19,10 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -44,8 +42,8 @@ from torchjd_golden import (
 )
 from torchjd_golden._gcond import resolve_conflicts
 
-from ._measure import peak_memory_supported
-from .gcond import _floor, conflicting_jacobians, interleaved_medians
+from ._measure import median_seconds, peak_memory_supported
+from .gcond import _floor, conflicting_jacobians, interleaved_medians, official_project, rotating
 
 OURS: dict[str, Callable[[], Callable[[Tensor], Tensor]]] = {
     "GoldenPendulum": GoldenPendulum,
@@ -73,36 +71,6 @@ def golden_reference_chain(jacobian: Tensor) -> Tensor:
     return (alpha.unsqueeze(1) * _pcgrad_resolve(normalized, alpha)).sum(dim=0)
 
 
-def official_gcond_project(reference: ModuleType, m: int, n: int) -> Callable[[Tensor], object]:
-    """The official ``GradientConductor._project`` on a Jacobian, float32 accumulators."""
-
-    model = torch.nn.Linear(n, 1, bias=False)
-    names = [f"t{k}" for k in range(m)]
-    conductor = reference.GradientConductor(
-        model, {k: torch.nn.functional.mse_loss for k in names}, {k: 1.0 for k in names}, m
-    )
-
-    def project(jacobian: Tensor) -> object:
-        for name, row in zip(names, jacobian, strict=True):
-            conductor.accumulators[name] = [row.view(1, n).clone()]
-        conductor.prev_accumulators = {k: [torch.zeros(1, n)] for k in names}
-        return conductor._project()
-
-    return project
-
-
-def _rotating(
-    function: Callable[[Tensor], object], jacobians: list[Tensor]
-) -> Callable[[], object]:
-    state = {"k": 0}
-
-    def call() -> object:
-        state["k"] += 1
-        return function(jacobians[state["k"] % len(jacobians)])
-
-    return call
-
-
 def time_table(
     sizes_m: list[int], sizes_n: list[int], repeat: int, gcond_reference: ModuleType | None
 ) -> list[dict[str, float]]:
@@ -112,17 +80,17 @@ def time_table(
             jacobians = conflicting_jacobians(m, n, 3)
             functions = {"floor": _floor(jacobians), "ExcessMTL floor": _excess_floor(jacobians)}
             functions |= {
-                name: _rotating(make(), jacobians) for name, make in {**OURS, **TORCHJD}.items()
+                name: rotating(make(), jacobians) for name, make in {**OURS, **TORCHJD}.items()
             }
             medians = interleaved_medians(functions, repeat)
             references: dict[str, Callable[[Tensor], object]] = {
                 "golden-pendulum-mtl": golden_reference_chain
             }
             if gcond_reference is not None:
-                references["official GCond"] = official_gcond_project(gcond_reference, m, n)
+                references["official GCond"] = _official_gcond(gcond_reference, m, n)
             for name, function in references.items():
                 call = functools.partial(function, jacobians[0])
-                medians[name] = _median_seconds(call, rounds=1 if n >= 4e6 else 3)
+                medians[name] = median_seconds(call, repeat=1 if n >= 4e6 else 3, warmup=0)
             floor = medians.pop("floor")
             row = {"m": m, "n": n, "floor ms": 1e3 * floor}
             row |= {name: seconds / floor for name, seconds in medians.items()}
@@ -131,6 +99,18 @@ def time_table(
             row.pop("ExcessMTL floor")
             rows.append(row)
     return rows
+
+
+def _official_gcond(reference: ModuleType, m: int, n: int) -> Callable[[Tensor], object]:
+    """The official ``_project`` on a Jacobian, loading it as the accumulated gradients first."""
+
+    load, project = official_project(reference, m, n)
+
+    def call(jacobian: Tensor) -> object:
+        load(jacobian)
+        return project()
+
+    return call
 
 
 def _excess_floor(jacobians: list[Tensor]) -> Callable[[], object]:
@@ -144,16 +124,7 @@ def _excess_floor(jacobians: list[Tensor]) -> Callable[[], object]:
         accumulator.addcmul_(jacobian, jacobian)
         _ = weights @ jacobian
 
-    return _rotating(floor, jacobians)
-
-
-def _median_seconds(function: Callable[[], object], rounds: int) -> float:
-    timings = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
+    return rotating(floor, jacobians)
 
 
 def print_time_table(rows: list[dict[str, float]]) -> None:
@@ -224,8 +195,8 @@ def growth_table(repeat: int) -> None:
     stages: dict[str, Callable[[Tensor], Callable[[], object]]] = {
         "GoldenPendulum resolve (weighting on G)": _golden_resolve,
         "GCond resolve (m x m loop)": _gcond_resolve,
-        "GoldenPendulum whole call": lambda j: _rotating(GoldenPendulum(), [j]),
-        "GCond whole call": lambda j: _rotating(GCond(), [j]),
+        "GoldenPendulum whole call": lambda j: rotating(GoldenPendulum(), [j]),
+        "GCond whole call": lambda j: rotating(GCond(), [j]),
     }
     print(
         "| stage | " + " | ".join(f"m={m}" for m in sizes_m) + " | exponent in m | exponent in n |"
@@ -237,7 +208,7 @@ def growth_table(repeat: int) -> None:
             for m in sizes_m:
                 jacobian = conflicting_jacobians(m, n, 1)[0]
                 call = build(jacobian)
-                samples.append((m, n, _median_seconds(call, rounds=repeat)))
+                samples.append((m, n, median_seconds(call, repeat=repeat, warmup=0)))
         a, b = _fit(samples)
         at_largest_n = [seconds for _, n, seconds in samples if n == sizes_n[-1]]
         cells = " | ".join(f"{1e3 * s:.2f}" for s in at_largest_n)

@@ -83,7 +83,7 @@ def resolve_table(reference: ModuleType | None, repeat: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for m, n in SIZES:
         jacobians = conflicting_jacobians(m, n, 3)
-        functions = {"floor": _floor(jacobians), "ours": _calls(GCond(), jacobians)}
+        functions = {"floor": _floor(jacobians), "ours": rotating(GCond(), jacobians)}
         timings = interleaved_medians(functions, repeat)
         official = "skipped"
         ratio = ""
@@ -97,30 +97,33 @@ def resolve_table(reference: ModuleType | None, repeat: int) -> None:
     print()
 
 
+def rotating(function: Callable[[Tensor], object], jacobians: list[Tensor]) -> Callable[[], object]:
+    """One call of ``function`` on the next Jacobian of the rotation."""
+
+    inputs = itertools.cycle(jacobians)
+    return lambda: function(next(inputs))
+
+
 def _floor(jacobians: list[Tensor]) -> Callable[[], object]:
     """``J @ J.T`` and ``w @ J`` on the next Jacobian of the rotation."""
 
-    inputs, weights = itertools.cycle(jacobians), torch.rand(jacobians[0].shape[0])
+    weights = torch.rand(jacobians[0].shape[0])
 
-    def floor() -> None:
-        jacobian = next(inputs)
+    def floor(jacobian: Tensor) -> None:
         _ = jacobian @ jacobian.T
         _ = weights @ jacobian
 
-    return floor
+    return rotating(floor, jacobians)
 
 
-def _calls(aggregator: nn.Module, jacobians: list[Tensor]) -> Callable[[], object]:
-    """One call of ``aggregator`` on the next Jacobian of the rotation."""
+def official_project(
+    reference: ModuleType, m: int, n: int
+) -> tuple[Callable[[Tensor], None], Callable[[], object]]:
+    """
+    The official ``GradientConductor`` for m tasks of n parameters (float32 accumulators): a
+    function loading a Jacobian as its accumulated gradients, and its ``_project``.
+    """
 
-    inputs = itertools.cycle(jacobians)
-    return lambda: aggregator(next(inputs))
-
-
-def _official_project_seconds(reference: ModuleType, jacobians: list[Tensor]) -> float:
-    """Median time of the official ``_project`` on the same Jacobians (float32 accumulators)."""
-
-    m, n = jacobians[0].shape
     model = nn.Linear(n, 1, bias=False)
     names = [f"t{k}" for k in range(m)]
     conductor = reference.GradientConductor(
@@ -129,13 +132,24 @@ def _official_project_seconds(reference: ModuleType, jacobians: list[Tensor]) ->
         {k: 1.0 for k in names},
         m,
     )
-    timings = []
-    for jacobian in jacobians:
+
+    def load(jacobian: Tensor) -> None:
         for name, row in zip(names, jacobian, strict=True):
             conductor.accumulators[name] = [row.view(1, n).clone()]
         conductor.prev_accumulators = {k: [torch.zeros(1, n)] for k in names}
+
+    return load, conductor._project
+
+
+def _official_project_seconds(reference: ModuleType, jacobians: list[Tensor]) -> float:
+    """Median time of the official ``_project`` on the same Jacobians, loading excluded."""
+
+    load, project = official_project(reference, *jacobians[0].shape)
+    timings = []
+    for jacobian in jacobians:
+        load(jacobian)
         start = time.perf_counter()
-        conductor._project()
+        project()
         timings.append(time.perf_counter() - start)
     return statistics.median(timings)
 
