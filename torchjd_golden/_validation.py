@@ -1,4 +1,4 @@
-"""Checks run by the property setters of every hyper-parameter, with torchjd-style messages."""
+"""Checks of hyper-parameters (in the property setters) and of inputs, torchjd-style."""
 
 from __future__ import annotations
 
