@@ -1,0 +1,30 @@
+"""
+Checkpoints written by an earlier release load into a fresh instance of today's code
+(``weights_only=True``) and continue with the outputs that release gave. ``data/checkpoints.pt``
+was written by ``data/make_checkpoints.py`` before the package was reorganised.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import torchjd_golden
+
+CHECKPOINTS: dict[str, dict[str, Any]] = torch.load(
+    Path(__file__).parent / "data" / "checkpoints.pt", weights_only=True
+)
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_an_old_checkpoint_continues_with_the_same_outputs(name: str) -> None:
+    case = CHECKPOINTS[name]
+    aggregator = getattr(torchjd_golden, case["class"])(**case["keywords"])
+    aggregator.load_state_dict(case["state_dict"])
+    for jacobian, expected in zip(case["inputs"], case["outputs"], strict=True):
+        if isinstance(aggregator, torchjd_golden.AdaptiveGoldenPendulum):
+            aggregator.losses = (jacobian**2).sum(dim=1) + 1e-3
+        assert torch.equal(aggregator(jacobian), expected)
