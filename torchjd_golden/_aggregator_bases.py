@@ -10,6 +10,7 @@ from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedA
 from torchjd.linalg import Matrix, PSDMatrix
 
 from ._gramian import combine_rows, compute_gramian
+from ._torchjd_compat import weighting_of_matrix
 from ._validation import check_input
 
 
@@ -22,7 +23,7 @@ class GramianAggregator(GramianWeightedAggregator):
     def __init__(self, gramian_weighting: Weighting[PSDMatrix]) -> None:
         super().__init__(gramian_weighting)
         gramian_of = cast(Callable[[Matrix], PSDMatrix], compute_gramian)
-        self.weighting = gramian_weighting << gramian_of
+        self.weighting = weighting_of_matrix(gramian_weighting, gramian_of)
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
         return _checked_call(self, matrix)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchjd import Stateful
-from torchjd.aggregation._mixins import _NonDifferentiable
-from torchjd.aggregation._weighting_bases import _MatrixWeighting
 from torchjd.linalg import Matrix
 
 from ._aggregator_bases import MatrixAggregator, forwarded
 from ._gramian import accumulation_dtype, nan_unless
 from ._state import LazyState
+from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from ._validation import check_input, check_int, check_real
 
 # Added under the square root of the accumulated squares and to the baseline, as the reference.
@@ -53,7 +52,7 @@ def accumulate_excess_risks(matrix: Tensor, squared_sum: Tensor, finite: Tensor)
     return risks
 
 
-class ExcessMTLWeighting(_MatrixWeighting, LazyState, _NonDifferentiable):
+class ExcessMTLWeighting(MatrixWeightingBase, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.Matrix`] from `Robust Multi-Task Learning with Excess Risks
@@ -182,7 +181,7 @@ class ExcessMTLWeighting(_MatrixWeighting, LazyState, _NonDifferentiable):
         )
 
 
-class ExcessMTL(MatrixAggregator, Stateful, _NonDifferentiable):
+class ExcessMTL(MatrixAggregator, Stateful, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.WeightedAggregator` from `Robust
     Multi-Task Learning with Excess Risks <https://proceedings.mlr.press/v235/he24n.html>`_

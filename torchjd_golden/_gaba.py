@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchjd import Stateful
-from torchjd.aggregation._mixins import _NonDifferentiable
-from torchjd.aggregation._weighting_bases import _GramianWeighting
 from torchjd.linalg import PSDMatrix
 
 from ._aggregator_bases import GramianAggregator, forwarded
 from ._gramian import accumulation_dtype, all_finite, nan_unless, row_norms
 from ._state import LazyState
+from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_input, check_int, check_real
 
 # The reference adds this to the sum of the norms before dividing by it.
@@ -37,7 +36,7 @@ def inverse_norm_weights(norms: Tensor) -> Tensor:
     return (total - norms) / ((n_tasks - 1) * total)
 
 
-class GABAWeighting(_GramianWeighting, LazyState, _NonDifferentiable):
+class GABAWeighting(GramianWeightingBase, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.PSDMatrix`] giving the weights of :class:`GABA`: an exponential
@@ -141,7 +140,7 @@ class GABAWeighting(_GramianWeighting, LazyState, _NonDifferentiable):
         )
 
 
-class GABA(GramianAggregator, Stateful, _NonDifferentiable):
+class GABA(GramianAggregator, Stateful, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator` giving each
     task a weight that grows as its gradient norm shrinks (GABA, from the GRACE

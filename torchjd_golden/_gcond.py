@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchjd.aggregation._mixins import _NonDifferentiable
-from torchjd.aggregation._weighting_bases import _MatrixWeighting
 from torchjd.linalg import Matrix
 
 from ._aggregator_bases import MatrixAggregator, forwarded
 from ._gramian import accumulation_dtype, all_finite, combine_rows, nan_unless, runs_on_host
 from ._state import LazyState
+from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from ._validation import check_bool, check_input, check_int, check_real
 
 _HALF_PI = math.pi / 2.0
@@ -557,7 +556,7 @@ class _GCondParameters:
         )
 
 
-class GCondWeighting(_GCondParameters, _MatrixWeighting, LazyState, _NonDifferentiable):
+class GCondWeighting(_GCondParameters, MatrixWeightingBase, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.Matrix`] of GCond, the Gradient Conductor of `GCond: Gradient
@@ -760,7 +759,7 @@ class GCondWeighting(_GCondParameters, _MatrixWeighting, LazyState, _NonDifferen
         return f"{self.__class__.__name__}({self._parameters_repr()}, eps={self.eps!r})"
 
 
-class GCond(_GCondParameters, MatrixAggregator, LazyState, _NonDifferentiable):
+class GCond(_GCondParameters, MatrixAggregator, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.WeightedAggregator` of GCond, the
     Gradient Conductor of `GCond: Gradient Conflict Resolution via Accumulation-based

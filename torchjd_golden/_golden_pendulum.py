@@ -15,8 +15,6 @@ from operator import mul
 import torch
 from torch import Tensor
 from torchjd import Stateful
-from torchjd.aggregation._mixins import _NonDifferentiable
-from torchjd.aggregation._weighting_bases import _GramianWeighting
 from torchjd.linalg import PSDMatrix
 
 from ._aggregator_bases import GramianAggregator, forwarded
@@ -29,6 +27,7 @@ from ._gramian import (
     runs_on_host,
 )
 from ._state import LazyState
+from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_bool, check_input, check_int, check_real
 
 PHI = (1.0 + math.sqrt(5.0)) / 2.0
@@ -176,7 +175,7 @@ class _GoldenPendulumParameters:
         self._pcgrad = check_bool("pcgrad", value)
 
 
-class GoldenPendulumWeighting(_GoldenPendulumParameters, _GramianWeighting, _NonDifferentiable):
+class GoldenPendulumWeighting(_GoldenPendulumParameters, GramianWeightingBase, NonDifferentiable):
     r"""
     :class:`~torchjd.aggregation.Weighting` [:class:`~torchjd.linalg.PSDMatrix`] giving the
     weights of :class:`GoldenPendulum`, from `Golden Pendulum Multi-Task Learning
@@ -259,7 +258,7 @@ class GoldenPendulumWeighting(_GoldenPendulumParameters, _GramianWeighting, _Non
         )
 
 
-class GoldenPendulum(GramianAggregator, _NonDifferentiable):
+class GoldenPendulum(GramianAggregator, NonDifferentiable):
     r"""
     :class:`~torchjd.aggregation.GramianWeightedAggregator` from `Golden Pendulum Multi-Task
     Learning <https://pypi.org/project/golden-pendulum-mtl/>`_ (Knopp, 2026): golden-ratio
@@ -312,7 +311,7 @@ def _check_bounds(lam_min: float, lam_max: float) -> None:
 
 
 class AdaptiveGoldenPendulumWeighting(
-    _GoldenPendulumParameters, _GramianWeighting, LazyState, _NonDifferentiable
+    _GoldenPendulumParameters, GramianWeightingBase, LazyState, NonDifferentiable
 ):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
@@ -604,7 +603,7 @@ class AdaptiveGoldenPendulumWeighting(
         )
 
 
-class AdaptiveGoldenPendulum(GramianAggregator, Stateful, _NonDifferentiable):
+class AdaptiveGoldenPendulum(GramianAggregator, Stateful, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator` of
     :class:`GoldenPendulum` with the adaptive :math:`\lambda` of

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
-from torchjd.aggregation._weighting_bases import _GramianWeighting
 
 from ._gramian import compute_gramian, normalize_gramian, row_norms
+from ._torchjd_compat import GramianWeightingBase
 
 # The reference's report clamps the smallest norm here before dividing by it.
 _MIN_NORM_FOR_RATIO = 1e-10
@@ -157,7 +157,7 @@ class WeightLogger:
         }
         if self.diagnostics:
             stat = inputs[0].detach()
-            gramian = stat if isinstance(module, _GramianWeighting) else compute_gramian(stat)
+            gramian = stat if isinstance(module, GramianWeightingBase) else compute_gramian(stat)
             record |= gramian_diagnostics(gramian).as_dict()
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")

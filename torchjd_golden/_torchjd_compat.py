@@ -1,0 +1,40 @@
+"""
+Every use of a private name of torchjd, in one place: a torchjd minor release that moves one
+breaks this module only.
+
+torchjd 0.18 exports the abstract :class:`~torchjd.aggregation.Weighting` but keeps the bases
+that say which input a weighting takes (``Weighting[Matrix]`` or ``Weighting[PSDMatrix]``) and
+the mixin that switches autograd off private. Our weightings subclass them so that they behave
+exactly like torchjd's own (same ``__call__`` signature and hooks, no graph).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
+
+from torchjd.aggregation import Weighting
+from torchjd.aggregation._mixins import _NonDifferentiable
+from torchjd.aggregation._weighting_bases import _GramianWeighting, _MatrixWeighting
+from torchjd.linalg import Matrix, PSDMatrix
+
+NonDifferentiable = _NonDifferentiable
+"""Mixin running a module's call under :func:`torch.no_grad`, as torchjd's weightings do."""
+
+GramianWeightingBase = _GramianWeighting
+"""Base of the weightings of the Gramian (``Weighting[PSDMatrix]``): they work with autogram."""
+
+MatrixWeightingBase = _MatrixWeighting
+"""Base of the weightings of the Jacobian itself (``Weighting[Matrix]``)."""
+
+
+def weighting_of_matrix(
+    gramian_weighting: Weighting[PSDMatrix], gramian_of: Callable[[Matrix], PSDMatrix]
+) -> Weighting[Matrix]:
+    """
+    The weighting of the Jacobian that applies ``gramian_weighting`` to ``gramian_of(J)``: what a
+    ``GramianWeightedAggregator`` stores as its ``weighting`` (torchjd composes it with its own
+    Gramian function; ours accumulates half-precision input in float32).
+    """
+
+    return cast(Weighting[Matrix], gramian_weighting << gramian_of)
