@@ -5,20 +5,18 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from torchjd_golden import _gramian
+from torchjd_golden._kernels import solver_path as forced_solver_path
 
 
-@pytest.fixture(params=["host", "device"])
+@pytest.fixture(params=["host", "tensor"])
 def solver_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """
-    Runs a test once with the Python-float solvers that CPU tensors use in eager mode, and once
-    with the tensor solvers that accelerators and ``torch.compile`` use.
+    Runs a test once with the host kernels that CPU tensors use in eager mode, and once with the
+    tensor kernels that accelerators and ``torch.compile`` use.
     """
 
-    previous = _gramian.host_solvers_enabled
-    _gramian.host_solvers_enabled = request.param == "host"
-    yield request.param
-    _gramian.host_solvers_enabled = previous
+    with forced_solver_path(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,9 @@
 """
 Checkpoints written by an earlier release load into a fresh instance of today's code
 (``weights_only=True``) and continue with the outputs that release gave. ``data/checkpoints.pt``
-was written by ``data/make_checkpoints.py`` before the package was reorganised.
+was written by ``data/make_checkpoints.py`` before the package was reorganised. The outputs agree
+to float64 rounding: the vectorised PCGrad pass rounds its last bits differently from the
+scalar loop that wrote them (one unit in the last place for Golden Pendulum, 0 for the rest).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import pytest
 import torch
 
 import torchjd_golden
+
+from ._asserts import relative_error
 
 CHECKPOINTS: dict[str, dict[str, Any]] = torch.load(
     Path(__file__).parent / "data" / "checkpoints.pt", weights_only=True
@@ -27,4 +31,4 @@ def test_an_old_checkpoint_continues_with_the_same_outputs(name: str) -> None:
     for jacobian, expected in zip(case["inputs"], case["outputs"], strict=True):
         if isinstance(aggregator, torchjd_golden.AdaptiveGoldenPendulum):
             aggregator.losses = (jacobian**2).sum(dim=1) + 1e-3
-        assert torch.equal(aggregator(jacobian), expected)
+        assert relative_error(aggregator(jacobian), expected) <= 1e-14

@@ -12,7 +12,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchjd.autojac import backward, jac_to_grad
 
-from torchjd_golden import GCond, GCondWeighting, _gramian, backward_task
+from torchjd_golden import GCond, GCondWeighting, backward_task
+from torchjd_golden._kernels import solver_path
 
 from ._asserts import assert_expected_structure, assert_non_differentiable, relative_error
 from ._inputs import conflicting_jacobian, scaled_matrices, typical_matrices
@@ -247,23 +248,20 @@ class _LargeOperationCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("solver", ["host", "device"])
-def test_no_parameter_sized_work_per_pair_or_iteration(
-    solver: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("solver", ["host", "tensor"])
+def test_no_parameter_sized_work_per_pair_or_iteration(solver: str) -> None:
     """
     The operations that touch n-sized tensors are the same few whatever m and however many
     resolution iterations run: the resolution itself works on m x m matrices.
     """
 
-    monkeypatch.setattr(_gramian, "host_solvers_enabled", solver == "host")
     n = 1000
     counts, iterations = {}, {}
     for m in (2, 12):
         aggregator = GCond()
         jacobian = conflicting_jacobian(m, n, seed=m, decades=0.5, dtype=torch.float32)
         aggregator(jacobian)
-        with _LargeOperationCounter(n) as counter:
+        with solver_path(solver), _LargeOperationCounter(n) as counter:  # type: ignore[arg-type]
             aggregator(jacobian)
         counts[m] = counter.count
         iterations[m] = float(aggregator.weighting.proj_iters)

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden_pendulum.core import _pcgrad_resolve
 from torch.testing import assert_close
 
 from torchjd_golden import _gramian
@@ -13,7 +12,6 @@ from torchjd_golden._gramian import (
     compute_gramian,
     nan_unless,
     normalize_gramian,
-    pcgrad_coefficients,
     row_norms,
 )
 
@@ -127,37 +125,3 @@ def test_all_finite_and_nan_unless() -> None:
     assert not bool(all_finite(torch.tensor([torch.nan])))
     assert torch.equal(nan_unless(torch.tensor(True), values), values)
     assert nan_unless(torch.tensor(False), values).isnan().all()
-
-
-def test_pcgrad_coefficients_on_a_hand_derived_pair(solver_path: str) -> None:
-    # r0 = (1, 0), r1 = (-1, 1): <r0, r1> = -1 < 0. r0 has the lower priority, so
-    # r0 <- r0 - (-1 / 2) r1 = (0.5, 0.5), i.e. C = [[1, 0.5], [0, 1]] (up to eps).
-    matrix = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)
-    coefficients = pcgrad_coefficients(matrix @ matrix.T, torch.tensor([0.3, 0.7]), eps=0.0)
-    assert_close(coefficients, torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=torch.float64))
-
-    # On a tie, row j moves: r1 <- r1 - (-1 / 1) r0 = (0, 1).
-    coefficients = pcgrad_coefficients(matrix @ matrix.T, torch.tensor([0.5, 0.5]), eps=0.0)
-    assert_close(coefficients, torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
-
-
-def test_pcgrad_coefficients_leave_agreeing_rows_alone(solver_path: str) -> None:
-    matrix = torch.rand(5, 8, dtype=torch.float64)  # non-negative rows never conflict
-    coefficients = pcgrad_coefficients(matrix @ matrix.T, torch.rand(5))
-    assert torch.equal(coefficients, torch.eye(5, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("m", [2, 3, 5, 8, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pcgrad_coefficients_match_the_golden_pendulum_reference(
-    m: int, dtype: torch.dtype, solver_path: str
-) -> None:
-    matrix = conflicting_jacobian(m, 64, seed=m, decades=0.0, dtype=dtype)
-    priority = torch.rand(m, dtype=dtype)
-    priority[m // 2] = priority[0]  # a tie
-
-    coefficients = pcgrad_coefficients(compute_gramian(matrix), priority)
-
-    expected = _pcgrad_resolve(matrix, priority)
-    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
-    assert relative_error(coefficients.to(dtype) @ matrix, expected) < tolerance

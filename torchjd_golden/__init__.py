@@ -7,20 +7,14 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 """
 
 from ._accumulation import backward_task
+from ._adaptive_golden_pendulum import AdaptiveGoldenPendulum, AdaptiveGoldenPendulumWeighting
 from ._amp import with_grad_scaler
 from ._config import aggregator_from_config, available_names, weighting_from_config
 from ._distributed import sharded_jac_to_grad, sync_jacobians
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
 from ._gcond import GCond, GCondWeighting
-from ._golden_pendulum import (
-    PHI,
-    AdaptiveGoldenPendulum,
-    AdaptiveGoldenPendulumWeighting,
-    GoldenPendulum,
-    GoldenPendulumWeighting,
-    golden_ratio_weights,
-)
+from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
 from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
 
 __version__ = "0.1.0"

@@ -4,20 +4,14 @@ The Gram core: pure functions on the Gramian :math:`G = J J^\top` shared by ever
 Every method of this package only needs inner products between the rows of the Jacobian
 :math:`J \in \mathbb{R}^{m \times n}`, so it works on the :math:`m \times m` Gramian and never
 loops over the :math:`n` parameters. A conflict-resolution pass such as PCGrad modifies rows of
-:math:`J`; here the resolved rows are tracked as :math:`R = C J` with a coefficient matrix
-:math:`C \in \mathbb{R}^{m \times m}`, so that :math:`\langle r_a, r_b \rangle = (C G C^\top)_{ab}`
-and the pass costs :math:`O(m^3)` instead of :math:`O(m^2 n)`.
+:math:`J`; the kernels (:mod:`torchjd_golden._kernels`) track the resolved rows as :math:`R = C J`
+with a coefficient matrix :math:`C \in \mathbb{R}^{m \times m}`, so that :math:`\langle r_a, r_b
+\rangle = (C G C^\top)_{ab}` and a pass never touches an :math:`n`-long gradient.
 
-The functions never synchronise the host with an accelerator. The sequential part of a
-conflict pass (a loop over pairs of tasks) is dispatch-bound: on an accelerator it runs as tensor
-operations that can be queued, traced by :func:`torch.compile` and captured in a CUDA graph; on
-the CPU, where there is no device to synchronise with, it runs on Python floats, which is about
-sixty times cheaper than dispatching one tiny tensor operation per scalar.
+The functions here never synchronise the host with an accelerator.
 """
 
 from __future__ import annotations
-
-from operator import sub
 
 import torch
 from torch import Tensor
@@ -27,6 +21,10 @@ _HALF_PRECISION = (torch.float16, torch.bfloat16)
 # Columns upcast at once when a half-precision Jacobian is accumulated in float32: bounds the
 # transient copy to about 4 MiB per row instead of a float32 copy of the whole Jacobian.
 _UPCAST_CHUNK = 1 << 20
+
+# Elements of the Jacobian copied and multiplied at once by gramian_and_cross_products: a chunk
+# stays in cache between the two.
+_STREAM_CHUNK = 1 << 19
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,86 +110,33 @@ def nan_unless(finite: Tensor, values: Tensor) -> Tensor:
     return torch.where(finite, values, torch.nan)
 
 
-# Whether CPU tensors take the Python-float path; the tests turn it off to check the tensor path.
-host_solvers_enabled = True
-
-
-def runs_on_host(tensor: Tensor) -> bool:
-    """
-    Whether the small sequential solvers should run on Python floats for ``tensor``: true for a
-    CPU tensor in eager mode, false on an accelerator and while :func:`torch.compile` traces.
-    """
-
-    return (
-        host_solvers_enabled and tensor.device.type == "cpu" and not torch.compiler.is_compiling()
-    )
-
-
-def pcgrad_coefficients(gramian: Tensor, priority: Tensor, eps: float = 1e-8) -> Tensor:
+def gramian_and_cross_products(
+    matrix: Tensor, store: Tensor, previous_half: Tensor
+) -> tuple[Tensor, Tensor]:
     r"""
-    Coefficients :math:`C` of a sequential PCGrad pass: the resolved rows are :math:`R = C J`.
+    Returns :math:`G = J J^\top` and :math:`Y = J J_{prev}^\top`, and copies :math:`J` into the
+    half of ``store`` (shape ``[2m, n]``) that does not hold :math:`J_{prev}`; ``previous_half``
+    (0 or 1, a tensor) tells which half does. Both products are in :func:`accumulation_dtype`.
 
-    Pairs are visited in the order :math:`(0, 1), (0, 2), \dots, (m-2, m-1)`. When the current
-    rows of a pair conflict (:math:`\langle r_i, r_j \rangle < 0`), the row with the lower
-    ``priority`` is projected onto the normal plane of the other, :math:`r_k \leftarrow r_k -
-    \frac{\langle r_k, r_l \rangle}{\|r_l\|^2 + \epsilon} r_l`; on a tie, row :math:`j` moves.
-    This is the pass of Golden Pendulum's reference (``golden_pendulum.core._pcgrad_resolve``).
-
-    :param gramian: The Gramian of the rows to resolve, shape ``[m, m]``.
-    :param priority: One value per row, shape ``[m]``.
-    :param eps: Added to the squared norm in the projection, as in the reference.
+    Both products come from :math:`J\,[H_0; H_1]^\top`, computed over chunks of columns: each
+    chunk of :math:`J` is read once, copied and multiplied while in cache, so the pass streams
+    :math:`J` once. The rows to write are chosen by tensor indexing: nothing synchronises with
+    the host, and the caller keeps :math:`J_{prev}` for a non-finite step by not flipping
+    ``previous_half``.
     """
 
-    if runs_on_host(gramian):
-        coefficients = _pcgrad_on_host(gramian.tolist(), priority.tolist(), eps)
-        return torch.tensor(coefficients, dtype=gramian.dtype)
-    return _pcgrad_on_device(gramian, priority, eps)
-
-
-def _pcgrad_on_device(gramian: Tensor, priority: Tensor, eps: float) -> Tensor:
-    m = gramian.shape[0]
-    coefficients = torch.eye(m, dtype=gramian.dtype, device=gramian.device)
-    lower = priority.unsqueeze(1) < priority.unsqueeze(0)
-    for i in range(m):
-        for j in range(i + 1, m):
-            pair = [i, j]
-            rows = coefficients[pair]
-            inner = rows @ gramian @ rows.T
-            dot = inner[0, 1]
-            moving = torch.stack([lower[i, j], ~lower[i, j]]) & (dot < 0.0)
-            step = torch.where(moving, dot / (inner.diagonal().flip(0) + eps), 0.0)
-            coefficients[pair] = rows - step.unsqueeze(1) * rows.flip(0)
-    return coefficients
-
-
-def _pcgrad_on_host(
-    gramian: list[list[float]], priority: list[float], eps: float
-) -> list[list[float]]:
-    m = len(gramian)
-    coefficients = [[float(a == b) for b in range(m)] for a in range(m)]
-    inner = [row[:] for row in gramian]  # inner[a][b] = <r_a, r_b>, kept equal to C G C^T
-    for i in range(m):
-        for j in range(i + 1, m):
-            dot = inner[i][j]
-            if not dot < 0.0:
-                continue
-            moved, fixed = (i, j) if priority[i] < priority[j] else (j, i)
-            step = dot / (inner[fixed][fixed] + eps)
-            _subtract_scaled_row(coefficients, moved, fixed, step)
-            _update_inner_products(inner, moved, fixed, step)
-    return coefficients
-
-
-def _subtract_scaled_row(matrix: list[list[float]], target: int, source: int, step: float) -> None:
-    matrix[target] = list(map(sub, matrix[target], [step * s for s in matrix[source]]))
-
-
-def _update_inner_products(inner: list[list[float]], moved: int, fixed: int, step: float) -> None:
-    """Keeps ``inner`` equal to :math:`C G C^\\top` after :math:`r_k \\leftarrow r_k - a r_l`."""
-
-    self_product = inner[moved][moved] - 2.0 * step * inner[moved][fixed]
-    self_product += step * step * inner[fixed][fixed]
-    _subtract_scaled_row(inner, moved, fixed, step)
-    inner[moved][moved] = self_product
-    for row, value in zip(inner, inner[moved], strict=True):
-        row[moved] = value
+    m, n = matrix.shape
+    dtype = accumulation_dtype(matrix.dtype)
+    rows = torch.arange(m, device=matrix.device)
+    scratch_rows = torch.where(previous_half == 0, rows + m, rows)
+    products = torch.zeros(m, 2 * m, dtype=dtype, device=matrix.device)
+    width = max(1, _STREAM_CHUNK // m)
+    for start in range(0, n, width):
+        block = matrix[:, start : start + width]
+        halves = store[:, start : start + width]
+        halves.index_copy_(0, scratch_rows, block)
+        products.addmm_(block.to(dtype), halves.to(dtype).T)
+    first, second = products[:, :m], products[:, m:]
+    gramian = torch.where(previous_half == 0, second, first)
+    cross = torch.where(previous_half == 0, first, second)
+    return gramian, cross

@@ -50,10 +50,11 @@ class LazyState(nn.Module, Stateful):
         assert state is not None
         return tuple(state.shape[:count])
 
-    def _ensure_state(self, sizes: tuple[int, ...], like: Tensor) -> None:
+    def _ensure_state(self, sizes: tuple[int, ...], like: Tensor, *, warn: bool = True) -> None:
         """
-        Creates the state on the first call, and resets it with a warning when the input sizes
-        it depends on (``sizes``: the number of tasks, maybe the number of parameters) change.
+        Creates the state on the first call, and resets it (with a warning unless ``warn`` is
+        false) when the input sizes it depends on (``sizes``: the number of tasks, maybe the
+        number of parameters) change.
         """
 
         if self._has_state:
@@ -67,11 +68,12 @@ class LazyState(nn.Module, Stateful):
             previous = self._state_sizes(len(sizes))
             if previous == sizes:
                 return
-            warnings.warn(
-                f"`{self.__class__.__name__}` received {_describe(sizes)} after "
-                f"{_describe(previous)}: its state was reset.",
-                stacklevel=4,
-            )
+            if warn:
+                warnings.warn(
+                    f"`{self.__class__.__name__}` received {_describe(sizes)} after "
+                    f"{_describe(previous)}: its state was reset.",
+                    stacklevel=4,
+                )
         for name, value in self._initial_state(sizes, like).items():
             setattr(self, name, value)
 

@@ -1,0 +1,405 @@
+r"""
+GCond's conflict resolution (the official ``_project`` loop) in coefficient space.
+
+The rows being resolved are :math:`R = C J` and their inner products :math:`D = C G C^\top`.
+An iteration finds the pair with the smallest cosine, lets the arbitrator name a winner, and
+replaces the pair's rows by a :math:`2 \times 2` mix of the old ones, :math:`(r_f, r_s)
+\leftarrow M (r_f, r_s)`: :math:`C_{fs} \leftarrow M C_{fs}`, then the rows :math:`D_{fs}
+\leftarrow M D_{fs}` and the columns :math:`D_{:,fs} \leftarrow D_{:,fs} M^\top`. Both paths use
+this one convention, with :math:`M` from :func:`_mixing` (host) or its tensor twin.
+
+The host path keeps the masked cosine matrix and each row's smallest entry: a mix changes two
+rows and two columns, so an iteration costs :math:`O(m)` plus a rescan of the rows whose minimum
+sat in one of them. The tensor path recomputes the :math:`m \times m` cosines at each of its
+``max_iters`` iterations (each inert once no pair is left), with no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._paths import SolverPath, chosen_path, host_array, solver_dtype
+
+_HALF_PI = math.pi / 2.0
+
+
+@dataclass(frozen=True)
+class ResolveSettings:
+    """The hyper-parameters of the resolution, as the reference names them."""
+
+    conflict_thresholds: tuple[float, float, float]
+    use_smooth_logic: bool
+    remap_power: float
+    dominance_window: int
+    tie_breaking_weights: tuple[float, float]
+    norm_cap: float | None
+    max_iters: int
+    eps: float
+
+
+@dataclass
+class Resolution:
+    """The outcome of one resolution: the resolved rows are ``coefficients @ J``."""
+
+    coefficients: Tensor
+    history: Tensor
+    history_count: Tensor
+    proj_iters: Tensor
+    min_cosine_sim: Tensor
+
+
+def resolve_conflicts(
+    gramian: Tensor,
+    cross: Tensor,
+    previous_norms_sq: Tensor,
+    norm_ema: Tensor,
+    history: Tensor,
+    history_count: Tensor,
+    settings: ResolveSettings,
+    *,
+    path: SolverPath | None = None,
+) -> Resolution:
+    r"""
+    Runs the reference's ``_project`` loop in coefficient space.
+
+    :param gramian: :math:`G = J J^\top`, the inner products of this step's rows.
+    :param cross: :math:`X = J P^\top`, with :math:`P` the previous step's resolved rows, for
+        the stability score :math:`\langle r_k, p_k \rangle = (C X)_{kk}`.
+    :param previous_norms_sq: :math:`\|p_k\|^2`.
+    :param norm_ema: The per-task norm averages, already updated with this step's norms.
+    :param history: The winner history as a ring buffer: the :math:`k`-th winner ever appended
+        is at position :math:`k` mod ``dominance_window``.
+    :param history_count: How many winners were ever appended.
+    :param settings: The hyper-parameters.
+    :param path: ``"host"``, ``"tensor"`` or ``"auto"``; ``None`` follows
+        :func:`~._paths.solver_path`.
+    :returns: The coefficients :math:`C` (float64, or the tensor path's dtype), the history and
+        its count, the number of iterations that resolved a pair and the first iteration's cosine.
+    """
+
+    inputs = (gramian, cross, previous_norms_sq, norm_ema, history, history_count, settings)
+    if chosen_path(gramian, path) == "host":
+        with np.errstate(all="ignore"):  # a non-finite step runs too; its output is discarded
+            return _HostResolution(*inputs).run()
+    return _TensorResolution(*inputs).run()
+
+
+def _effective_angle(cosine: float, settings: ResolveSettings) -> float:
+    """The reference's ``_get_effective_alpha``: the conflict angle remapped by the zones."""
+
+    critical, main, weak = settings.conflict_thresholds
+    c = min(max(cosine, -1.0), 1.0)
+    if c >= main:
+        t = min(max((c - main) / (weak - main + settings.eps), 0.0), 1.0)
+        return _HALF_PI * (1.0 - t)
+    if c > critical:
+        t = (c - main) / (critical - main + settings.eps)
+        return _HALF_PI + _HALF_PI * math.pow(t, settings.remap_power)
+    return math.pi
+
+
+def _effective_angle_tensor(cosine: Tensor, settings: ResolveSettings) -> Tensor:
+    critical, main, weak = settings.conflict_thresholds
+    c = cosine.clamp(-1.0, 1.0)
+    above_main = _HALF_PI * (1.0 - ((c - main) / (weak - main + settings.eps)).clamp(0.0, 1.0))
+    between = (
+        _HALF_PI
+        + _HALF_PI * ((c - main) / (critical - main + settings.eps)) ** settings.remap_power
+    )
+    return torch.where(c >= main, above_main, torch.where(c > critical, between, math.pi))
+
+
+class _HostResolution:
+    """The loop on NumPy float64 arrays; scalars (scores, angles) are Python floats."""
+
+    def __init__(
+        self,
+        gramian: Tensor,
+        cross: Tensor,
+        previous_norms_sq: Tensor,
+        norm_ema: Tensor,
+        history: Tensor,
+        history_count: Tensor,
+        settings: ResolveSettings,
+    ) -> None:
+        self.settings = settings
+        inner = host_array(gramian)
+        m = inner.shape[0]
+        scale = np.ones(m)
+        if settings.norm_cap is not None:
+            norms = np.sqrt(np.maximum(inner.diagonal(), 0.0))
+            capped = norms > settings.norm_cap
+            scale[capped] = settings.norm_cap / (norms[capped] + settings.eps)
+        self.coefficients = np.diag(scale)
+        self.inner = inner * np.outer(scale, scale)
+        self.cross = host_array(cross)
+        self.previous_norms = np.sqrt(np.maximum(host_array(previous_norms_sq), 0.0))
+        self.norm_ema = host_array(norm_ema)
+        self.ring: list[int] = history.tolist()
+        self.count = int(history_count)
+        window = settings.dominance_window
+        first = max(0, self.count - window)
+        self.winners = [self.ring[k % window] for k in range(first, self.count)] if window else []
+
+        self.indices = np.arange(m)
+        self.cosines = np.full((m, m), np.inf)  # cosine of each usable pair i < j, inf elsewhere
+        for row in range(m):
+            self._refresh_row(row)
+        self.row_min = self.cosines.min(axis=1)
+        self.row_arg = self.cosines.argmin(axis=1)
+
+    def run(self) -> Resolution:
+        proj_iters, min_cosine_sim = 0, 1.0
+        weak = self.settings.conflict_thresholds[2]
+        for iteration in range(self.settings.max_iters):
+            # The first pair in scan order with the smallest cosine, as the reference's loop.
+            i = int(self.row_min.argmin())
+            j, cosine = int(self.row_arg[i]), float(self.row_min[i])
+            if not cosine < weak:
+                break
+            if iteration == 0:
+                min_cosine_sim = cosine
+            proj_iters = iteration + 1
+            self._resolve(i, j, cosine)
+
+        window = self.settings.dominance_window
+        for offset, winner in enumerate(self.winners):
+            self.ring[(self.count - len(self.winners) + offset) % window] = winner
+        return Resolution(
+            coefficients=torch.from_numpy(self.coefficients),
+            history=torch.tensor(self.ring, dtype=torch.int64),
+            history_count=torch.tensor(self.count, dtype=torch.int64),
+            proj_iters=torch.tensor(float(proj_iters), dtype=torch.float64),
+            min_cosine_sim=torch.tensor(min_cosine_sim, dtype=torch.float64),
+        )
+
+    def _resolve(self, i: int, j: int, cosine: float) -> None:
+        settings, inner, eps = self.settings, self.inner, self.settings.eps
+        critical, main, _ = settings.conflict_thresholds
+        first, second = i, j
+        if settings.use_smooth_logic:
+            first, second = self._arbitrate(i, j)
+            angle = _effective_angle(cosine, settings)
+            dot = inner[i, j]
+            on_winner = -math.sin(angle) * dot / (inner[second, second] + eps)
+            on_loser = -math.sin(min(angle, _HALF_PI)) * dot / (inner[first, first] + eps)
+            mixing = (1.0, on_winner, on_loser, 1.0)
+        elif cosine < critical:
+            first, second = self._arbitrate(i, j)
+            mixing = (1.0, 0.0, 0.0, 0.0)  # the loser is zeroed
+        elif cosine < main:
+            first, second = self._arbitrate(i, j)
+            projection = -inner[second, first] / (inner[first, first] + eps)
+            mixing = (1.0, 0.0, projection, 1.0)  # the loser is projected off the winner
+        else:  # weak zone: both rows projected off each other, without arbitration
+            dot_product = cosine * math.sqrt(inner[i, i] * inner[j, j])
+            on_i = -dot_product / (inner[j, j] + eps)
+            on_j = -dot_product / (inner[i, i] + eps)
+            mixing = (1.0, on_i, on_j, 1.0)
+        self._mix(first, second, mixing)
+
+    def _arbitrate(self, i: int, j: int) -> tuple[int, int]:
+        """The reference's ``_run_arbitrator``: (winner, loser), the winner entering the history."""
+
+        window, eps = self.settings.dominance_window, self.settings.eps
+        stability_weight, strength_weight = self.settings.tie_breaking_weights
+        winner, loser = i, j
+        full = window > 0 and len(self.winners) == window
+        if full and all(w == i for w in self.winners):
+            winner, loser = j, i
+        elif not (full and all(w == j for w in self.winners)):
+            norms = [math.sqrt(max(float(self.inner[k, k]), 0.0)) for k in (i, j)]
+            scaled = [norms[0] / (self.norm_ema[i] + eps), norms[1] / (self.norm_ema[j] + eps)]
+            total = scaled[0] + scaled[1]
+            scores = []
+            for norm, k, scaled_norm in zip(norms, (i, j), scaled, strict=True):
+                previous_dot = float(self.coefficients[k] @ self.cross[:, k])
+                stability = previous_dot / (norm * float(self.previous_norms[k]) + eps)
+                strength = scaled_norm / (total + eps)
+                scores.append(stability_weight * max(stability, 0.0) + strength_weight * strength)
+            if scores[1] > scores[0]:
+                winner, loser = j, i
+        if window:
+            self.winners = [*self.winners, winner][-window:]
+            self.count += 1
+        return winner, loser
+
+    def _mix(self, first: int, second: int, mixing: tuple[float, float, float, float]) -> None:
+        p, q, r, s = mixing
+        matrix = np.array([[p, q], [r, s]])
+        pair = [first, second]
+        self.coefficients[pair] = matrix @ self.coefficients[pair]
+        self.inner[pair] = matrix @ self.inner[pair]
+        self.inner[:, pair] = self.inner[:, pair] @ matrix.T
+        self._refresh_after_mix(first, second)
+
+    def _refresh_row(self, row: int) -> None:
+        """Recomputes the cosines of ``row`` with the later rows and of the earlier rows with it."""
+
+        inner, eps = self.inner, self.settings.eps
+        squares = inner.diagonal()
+        usable = squares >= eps
+        # sqrt(|r_a|^2 |r_b|^2) with a < b, as the reference computes the denominator.
+        later = inner[row] / (np.sqrt(squares[row] * squares) + eps)
+        earlier = inner[:, row] / (np.sqrt(squares * squares[row]) + eps)
+        keep = usable & usable[row]
+        self.cosines[row] = np.where(keep & (self.indices > row) & ~np.isnan(later), later, np.inf)
+        self.cosines[:, row] = np.where(
+            keep & (self.indices < row) & ~np.isnan(earlier), earlier, np.inf
+        )
+
+    def _refresh_after_mix(self, first: int, second: int) -> None:
+        self._refresh_row(first)
+        self._refresh_row(second)
+        # A row whose minimum was in a changed column, or that changed itself, is rescanned; the
+        # others only compare their minimum with the two changed entries (ties go to the lower
+        # column, as the scan order of the reference).
+        stale = (self.row_arg == first) | (self.row_arg == second)
+        stale[[first, second]] = True
+        row_min, row_arg = self.row_min, self.row_arg
+        for column in sorted((first, second)):
+            candidate = self.cosines[:, column]
+            better = ~stale & (
+                (candidate < row_min) | ((candidate == row_min) & (column < row_arg))
+            )
+            row_min[better], row_arg[better] = candidate[better], column
+        rows = np.flatnonzero(stale)
+        row_min[rows] = self.cosines[rows].min(axis=1)
+        row_arg[rows] = self.cosines[rows].argmin(axis=1)
+
+
+class _TensorResolution:
+    """
+    The loop as tensor operations: ``max_iters`` iterations, each inert once no pair is left, the
+    pair's rows gathered and scattered by index tensors, so that nothing synchronises.
+    """
+
+    def __init__(
+        self,
+        gramian: Tensor,
+        cross: Tensor,
+        previous_norms_sq: Tensor,
+        norm_ema: Tensor,
+        history: Tensor,
+        history_count: Tensor,
+        settings: ResolveSettings,
+    ) -> None:
+        device = gramian.device
+        dtype = solver_dtype(device)
+        self.settings, self.dtype, self.device = settings, dtype, device
+        gramian = gramian.to(dtype)
+        self.cross = cross.to(dtype)
+        self.previous_norms = previous_norms_sq.to(dtype).clamp(min=0.0).sqrt()
+        self.norm_ema = norm_ema.to(dtype)
+        self.history, self.history_count = history, history_count
+        m = gramian.shape[0]
+        self.positions = torch.arange(settings.dominance_window, device=device)
+        self.upper = torch.ones(m, m, dtype=torch.bool, device=device).triu(diagonal=1)
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.one = torch.ones((), dtype=dtype, device=device)
+        scale = torch.ones(m, dtype=dtype, device=device)
+        if settings.norm_cap is not None:
+            norms = gramian.diagonal().clamp(min=0.0).sqrt()
+            cap = settings.norm_cap
+            scale = torch.where(norms > cap, cap / (norms + settings.eps), scale)
+        self.coefficients = torch.diag(scale)
+        self.inner = gramian * scale.unsqueeze(1) * scale.unsqueeze(0)
+
+    def run(self) -> Resolution:
+        active = torch.ones((), dtype=torch.bool, device=self.device)
+        proj_iters, min_cosine_sim = self.zero, self.one
+        for iteration in range(self.settings.max_iters):
+            lowest, i, j = self._lowest_pair()
+            found = active & (lowest < self.settings.conflict_thresholds[2])
+            if iteration == 0:
+                min_cosine_sim = torch.where(found, lowest, min_cosine_sim)
+            proj_iters = proj_iters + found.to(self.dtype)
+            active = found
+            self._resolve(lowest, i, j, found)
+        return Resolution(
+            self.coefficients, self.history, self.history_count, proj_iters, min_cosine_sim
+        )
+
+    def _lowest_pair(self) -> tuple[Tensor, Tensor, Tensor]:
+        inner, eps, m = self.inner, self.settings.eps, self.inner.shape[0]
+        squares = inner.diagonal()
+        usable = (squares >= eps).unsqueeze(0) & (squares >= eps).unsqueeze(1) & self.upper
+        cosines = inner / ((squares.unsqueeze(1) * squares.unsqueeze(0)).sqrt() + eps)
+        usable = usable & ~cosines.isnan()
+        lowest, flat = torch.where(usable, cosines, torch.inf).flatten().min(dim=0)
+        return lowest, flat // m, flat % m
+
+    def _resolve(self, cosine: Tensor, i: Tensor, j: Tensor, found: Tensor) -> None:
+        settings, eps, zero, one = self.settings, self.settings.eps, self.zero, self.one
+        critical, main, _ = settings.conflict_thresholds
+        pair = torch.stack([i, j])
+        block = self.inner.index_select(0, pair).index_select(1, pair)  # D restricted to (i, j)
+        squares = block.diagonal()
+        square_i, square_j, dot = squares[0], squares[1], block[0, 1]
+        j_wins = self._j_wins(pair, squares)
+        square_winner = torch.where(j_wins, square_j, square_i)
+        square_loser = torch.where(j_wins, square_i, square_j)
+
+        if settings.use_smooth_logic:
+            angle = _effective_angle_tensor(cosine, settings)
+            on_winner = -torch.sin(angle) * dot / (square_loser + eps)
+            on_loser = -torch.sin(angle.clamp(max=_HALF_PI)) * dot / (square_winner + eps)
+            mixing = [one, on_winner, on_loser, one]
+            arbitrated = torch.ones((), dtype=torch.bool, device=self.device)
+        else:
+            is_critical, arbitrated = cosine < critical, cosine < main
+            projection = -dot / (square_winner + eps)
+            dot_product = cosine * (square_i * square_j).sqrt()
+            # The weak zone projects both rows, without arbitration, in the order (i, j).
+            on_i, on_j = -dot_product / (square_j + eps), -dot_product / (square_i + eps)
+            mixing = [
+                one,
+                torch.where(arbitrated, zero, on_i),
+                torch.where(is_critical, zero, torch.where(arbitrated, projection, on_j)),
+                torch.where(is_critical, zero, one),
+            ]
+        identity = [one, zero, zero, one]
+        matrix = torch.stack(
+            [torch.where(found, a, b) for a, b in zip(mixing, identity, strict=True)]
+        ).reshape(2, 2)
+        winner_is_j = arbitrated & j_wins
+        self._mix(torch.where(winner_is_j, pair.flip(0), pair), matrix)
+        window = settings.dominance_window
+        if window:
+            appends = found & arbitrated
+            slot = self.positions == self.history_count % window
+            self.history = torch.where(slot & appends, torch.where(j_wins, j, i), self.history)
+            self.history_count = self.history_count + appends.to(self.history_count.dtype)
+
+    def _j_wins(self, pair: Tensor, squares: Tensor) -> Tensor:
+        """The arbitrator: whether row j beats row i (dominance first, then the scores)."""
+
+        eps, window = self.settings.eps, self.settings.dominance_window
+        stability_weight, strength_weight = self.settings.tie_breaking_weights
+        norms = squares.clamp(min=0.0).sqrt()
+        previous_dots = (
+            self.coefficients.index_select(0, pair) * self.cross.index_select(1, pair).T
+        ).sum(dim=1)
+        stability = previous_dots / (norms * self.previous_norms.index_select(0, pair) + eps)
+        scaled = norms / (self.norm_ema.index_select(0, pair) + eps)
+        strength = scaled / (scaled.sum() + eps)
+        scores = stability_weight * stability.clamp(min=0.0) + strength_weight * strength
+        j_wins = scores[1] > scores[0]
+        if window:
+            full = self.history_count >= window
+            i_dominant = full & (self.history == pair[0]).all()
+            j_dominant = full & (self.history == pair[1]).all()
+            j_wins = i_dominant | (~j_dominant & j_wins)
+        return j_wins
+
+    def _mix(self, pair: Tensor, matrix: Tensor) -> None:
+        self.coefficients = self.coefficients.index_copy(
+            0, pair, matrix @ self.coefficients.index_select(0, pair)
+        )
+        inner = self.inner.index_copy(0, pair, matrix @ self.inner.index_select(0, pair))
+        self.inner = inner.index_copy(1, pair, inner.index_select(1, pair) @ matrix.T)

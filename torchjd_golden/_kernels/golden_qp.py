@@ -1,0 +1,77 @@
+r"""
+Golden Pendulum's QP: projected gradient descent towards the golden-ratio targets.
+
+Each of the ``n_iter`` steps is one ``m x m`` matrix-vector product and a few ``m``-long vector
+operations, on both paths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from ._paths import SolverPath, chosen_path, host_array, solver_dtype
+
+
+def solve_golden_qp(
+    normalized_gramian: Tensor,
+    targets: Tensor,
+    lam: float | Tensor,
+    n_iter: int,
+    min_weight: float,
+    *,
+    path: SolverPath | None = None,
+) -> Tensor:
+    r"""
+    Projected gradient descent on :math:`\alpha^\top \hat G \alpha + \lambda \|\alpha -
+    \alpha^\varphi\|_1` over the simplex, started at the targets :math:`\alpha^\varphi`.
+
+    Step :math:`t` is :math:`\alpha \leftarrow \alpha - \eta_t (2 \hat G \alpha + \lambda\,
+    \mathrm{sign}(\alpha - \alpha^\varphi))` with :math:`\eta_t = 0.05 / (1 + 0.1 t)`, followed by
+    a clamp at ``min_weight`` and a renormalisation, as in golden-pendulum-mtl's
+    ``_solve_golden_qp``. A NaN anywhere propagates to :math:`\alpha`.
+
+    :param normalized_gramian: :math:`\hat G`, shape ``[m, m]``.
+    :param targets: :math:`\alpha^\varphi`, shape ``[m]``.
+    :param lam: :math:`\lambda`, a number or a 0-dim tensor (the adaptive variant's).
+    :param n_iter: The number of steps.
+    :param min_weight: The floor of every :math:`\alpha_k` (absolute, not a fraction).
+    :param path: ``"host"``, ``"tensor"`` or ``"auto"``; ``None`` follows
+        :func:`~._paths.solver_path`.
+    :returns: :math:`\alpha`, in the dtype and on the device of ``normalized_gramian``.
+    """
+
+    if chosen_path(normalized_gramian, path) == "host":
+        solution = _golden_qp_on_host(
+            host_array(normalized_gramian), host_array(targets), float(lam), n_iter, min_weight
+        )
+        return torch.from_numpy(solution).to(
+            dtype=normalized_gramian.dtype, device=normalized_gramian.device
+        )
+    dtype = solver_dtype(normalized_gramian.device)
+    gramian, start = normalized_gramian.to(dtype), targets.to(dtype)
+    alpha = start
+    for t in range(n_iter):
+        step = 0.05 / (1.0 + 0.1 * t)
+        descent = 2.0 * (gramian @ alpha) + lam * torch.sign(alpha - start)
+        alpha = (alpha - step * descent).clamp(min=min_weight)
+        alpha = alpha / alpha.sum()
+    return alpha.to(normalized_gramian.dtype)
+
+
+def _golden_qp_on_host(
+    gramian: NDArray[np.float64],
+    targets: NDArray[np.float64],
+    lam: float,
+    n_iter: int,
+    min_weight: float,
+) -> NDArray[np.float64]:
+    alpha = targets
+    for t in range(n_iter):
+        step = 0.05 / (1.0 + 0.1 * t)
+        descent = 2.0 * (gramian @ alpha) + lam * np.sign(alpha - targets)
+        alpha = np.maximum(alpha - step * descent, min_weight)
+        alpha = alpha / alpha.sum()
+    return alpha
