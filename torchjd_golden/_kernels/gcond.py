@@ -8,10 +8,11 @@ replaces the pair's rows by a :math:`2 \times 2` mix of the old ones, :math:`(r_
 \leftarrow M D_{fs}` and the columns :math:`D_{:,fs} \leftarrow D_{:,fs} M^\top`. Both paths use
 this one convention, with :math:`M` from :func:`_mixing` (host) or its tensor twin.
 
-The host path keeps the masked cosine matrix and each row's smallest entry: a mix changes two
-rows and two columns, so an iteration costs :math:`O(m)` plus a rescan of the rows whose minimum
-sat in one of them. The tensor path recomputes the :math:`m \times m` cosines at each of its
-``max_iters`` iterations (each inert once no pair is left), with no host synchronisation.
+The host path keeps the masked cosine matrix up to date: a mix changes two rows and two columns
+of it, so an iteration is :math:`O(m)` vector work and one ``argmin``. The tensor path
+recomputes the :math:`m \times m` cosines at each of its ``max_iters`` iterations (each inert
+once no pair is left), with no host synchronisation. A NaN stops both loops (its step is
+discarded by the caller).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
 from ._paths import SolverPath, chosen_path, host_array, solver_dtype
@@ -146,20 +148,21 @@ class _HostResolution:
         first = max(0, self.count - window)
         self.winners = [self.ring[k % window] for k in range(first, self.count)] if window else []
 
-        self.indices = np.arange(m)
-        self.cosines = np.full((m, m), np.inf)  # cosine of each usable pair i < j, inf elsewhere
-        for row in range(m):
-            self._refresh_row(row)
-        self.row_min = self.cosines.min(axis=1)
-        self.row_arg = self.cosines.argmin(axis=1)
+        # The cosine of each usable pair i < j, inf elsewhere (a row with |r|^2 < eps is never
+        # paired: it is "blocked"), kept up to date by _mix.
+        squares = self.inner.diagonal()
+        self.blocked = np.where(squares >= settings.eps, 0.0, np.inf)
+        cosines = self.inner / (np.sqrt(abs(np.outer(squares, squares))) + settings.eps)
+        cosines += self.blocked[:, None] + self.blocked
+        self.cosines = np.where(np.triu(np.ones((m, m), dtype=bool), 1), cosines, np.inf)
 
     def run(self) -> Resolution:
         proj_iters, min_cosine_sim = 0, 1.0
         weak = self.settings.conflict_thresholds[2]
         for iteration in range(self.settings.max_iters):
             # The first pair in scan order with the smallest cosine, as the reference's loop.
-            i = int(self.row_min.argmin())
-            j, cosine = int(self.row_arg[i]), float(self.row_min[i])
+            i, j = divmod(int(self.cosines.argmin()), self.cosines.shape[0])
+            cosine = float(self.cosines[i, j])
             if not cosine < weak:
                 break
             if iteration == 0:
@@ -230,47 +233,47 @@ class _HostResolution:
         return winner, loser
 
     def _mix(self, first: int, second: int, mixing: tuple[float, float, float, float]) -> None:
-        p, q, r, s = mixing
-        matrix = np.array([[p, q], [r, s]])
-        pair = [first, second]
-        self.coefficients[pair] = matrix @ self.coefficients[pair]
-        self.inner[pair] = matrix @ self.inner[pair]
-        self.inner[:, pair] = self.inner[:, pair] @ matrix.T
-        self._refresh_after_mix(first, second)
+        # Rows of C, rows of D, then columns of D (the rows of its transposed view).
+        for matrix in (self.coefficients, self.inner, self.inner.T):
+            _mix_rows(matrix[first], matrix[second], mixing)
+        self._refresh_cosines(first)
+        self._refresh_cosines(second)
 
-    def _refresh_row(self, row: int) -> None:
-        """Recomputes the cosines of ``row`` with the later rows and of the earlier rows with it."""
+    def _refresh_cosines(self, task: int) -> None:
+        """Recomputes the cosines of ``task`` with the others, after its row changed."""
 
         inner, eps = self.inner, self.settings.eps
         squares = inner.diagonal()
-        usable = squares >= eps
-        # sqrt(|r_a|^2 |r_b|^2) with a < b, as the reference computes the denominator.
-        later = inner[row] / (np.sqrt(squares[row] * squares) + eps)
-        earlier = inner[:, row] / (np.sqrt(squares * squares[row]) + eps)
-        keep = usable & usable[row]
-        self.cosines[row] = np.where(keep & (self.indices > row) & ~np.isnan(later), later, np.inf)
-        self.cosines[:, row] = np.where(
-            keep & (self.indices < row) & ~np.isnan(earlier), earlier, np.inf
-        )
+        self.blocked[task] = 0.0 if squares[task] >= eps else np.inf
+        # Entry (a, b), a < b, is <r_a, r_b> / (sqrt(|r_a|^2 |r_b|^2) + eps), the reference's order
+        # (abs: a row rounded to a tiny negative |r|^2 is blocked, and must not give a NaN).
+        later = inner[task, task + 1 :] / (np.sqrt(abs(squares[task] * squares[task + 1 :])) + eps)
+        later += self.blocked[task + 1 :]
+        earlier = inner[:task, task] / (np.sqrt(abs(squares[:task] * squares[task])) + eps)
+        earlier += self.blocked[:task]
+        if self.blocked[task]:
+            later[:], earlier[:] = np.inf, np.inf
+        self.cosines[task, task + 1 :] = later
+        self.cosines[:task, task] = earlier
 
-    def _refresh_after_mix(self, first: int, second: int) -> None:
-        self._refresh_row(first)
-        self._refresh_row(second)
-        # A row whose minimum was in a changed column, or that changed itself, is rescanned; the
-        # others only compare their minimum with the two changed entries (ties go to the lower
-        # column, as the scan order of the reference).
-        stale = (self.row_arg == first) | (self.row_arg == second)
-        stale[[first, second]] = True
-        row_min, row_arg = self.row_min, self.row_arg
-        for column in sorted((first, second)):
-            candidate = self.cosines[:, column]
-            better = ~stale & (
-                (candidate < row_min) | ((candidate == row_min) & (column < row_arg))
-            )
-            row_min[better], row_arg[better] = candidate[better], column
-        rows = np.flatnonzero(stale)
-        row_min[rows] = self.cosines[rows].min(axis=1)
-        row_arg[rows] = self.cosines[rows].argmin(axis=1)
+
+def _mix_rows(
+    first: NDArray[np.float64], second: NDArray[np.float64], mixing: tuple[float, ...]
+) -> None:
+    """``(first, second) <- (p first + q second, r first + s second)``, in place."""
+
+    p, q, r, s = mixing
+    old_first = first.copy() if r else None
+    if p != 1.0:
+        first *= p
+    if q:
+        first += q * second
+    if s == 0.0:
+        second.fill(0.0)
+    elif s != 1.0:
+        second *= s
+    if old_first is not None:
+        second += r * old_first
 
 
 class _TensorResolution:
@@ -330,7 +333,6 @@ class _TensorResolution:
         squares = inner.diagonal()
         usable = (squares >= eps).unsqueeze(0) & (squares >= eps).unsqueeze(1) & self.upper
         cosines = inner / ((squares.unsqueeze(1) * squares.unsqueeze(0)).sqrt() + eps)
-        usable = usable & ~cosines.isnan()
         lowest, flat = torch.where(usable, cosines, torch.inf).flatten().min(dim=0)
         return lowest, flat // m, flat % m
 

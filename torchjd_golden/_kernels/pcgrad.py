@@ -17,12 +17,16 @@ every pair with two masked single-row projections.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
 from ._paths import SolverPath, chosen_path, host_array, solver_dtype
+
+_Matrix = TypeVar("_Matrix", Tensor, NDArray[np.float64])
 
 
 def pcgrad_coefficients(
@@ -63,21 +67,23 @@ def _pcgrad_on_host(
         start = i + 1
         while start < m:
             conflicts = inner[i, start:] < 0.0
-            i_moves = np.flatnonzero(conflicts & row_i_moves[start - i - 1 :])
-            stop = start + int(i_moves[0]) if i_moves.size else m
-            movers = start + np.flatnonzero(conflicts[: stop - start])
+            i_moves = conflicts & row_i_moves[start - i - 1 :]
+            first = int(i_moves.argmax())
+            stop = start + first if i_moves[first] else m
+            movers = np.flatnonzero(conflicts[: stop - start])
             if movers.size:
+                movers += start
                 steps = inner[i, movers] / (inner[i, i] + eps)
-                _project_off(coefficients, inner, movers, i, steps)
+                _project_rows_off(coefficients, inner, movers, i, steps)
             if stop == m:
                 break
-            step = inner[i, stop] / (inner[stop, stop] + eps)
-            _project_off(coefficients, inner, np.array([i]), stop, np.array([step]))
+            step = float(inner[i, stop] / (inner[stop, stop] + eps))
+            _project_row_off(coefficients, inner, i, stop, step)
             start = stop + 1
     return coefficients
 
 
-def _project_off(
+def _project_rows_off(
     coefficients: NDArray[np.float64],
     inner: NDArray[np.float64],
     rows: NDArray[np.intp],
@@ -89,6 +95,19 @@ def _project_off(
     coefficients[rows] -= np.outer(steps, coefficients[source])
     inner[rows] -= np.outer(steps, inner[source])
     inner[:, rows] -= np.outer(inner[:, source], steps)
+
+
+def _project_row_off(
+    coefficients: _Matrix, inner: _Matrix, row: int, source: int, step: Any
+) -> None:
+    """
+    :math:`r_{row} \\leftarrow r_{row} - s\\, r_{source}`, in place, on row and column views:
+    the same lines on NumPy arrays (``step`` a float) and on tensors (a 0-dim tensor).
+    """
+
+    coefficients[row] -= step * coefficients[source]
+    inner[row] -= step * inner[source]
+    inner[:, row] -= step * inner[:, source]
 
 
 def _pcgrad_on_tensors(inner: Tensor, priority: Tensor, eps: float) -> Tensor:
@@ -106,11 +125,3 @@ def _pcgrad_on_tensors(inner: Tensor, priority: Tensor, eps: float) -> Tensor:
             _project_row_off(coefficients, inner, i, j, step_i)
             _project_row_off(coefficients, inner, j, i, step_j)
     return coefficients
-
-
-def _project_row_off(
-    coefficients: Tensor, inner: Tensor, row: int, source: int, step: Tensor
-) -> None:
-    coefficients[row] -= step * coefficients[source]
-    inner[row] -= step * inner[source]
-    inner[:, row] -= step * inner[:, source]
