@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-
-def _no_extra_input(module: nn.Module, matrix: Tensor) -> None:
-    del module, matrix
-
-
-@dataclass
-class Case:
-    """How to build an aggregator or weighting and feed it one step of input."""
-
-    name: str
-    make: Callable[[], nn.Module]
-    prepare: Callable[[nn.Module, Tensor], None] = field(default=_no_extra_input)
-
-    def step(
-        self, module: nn.Module, matrix: Tensor, runner: Callable[[Tensor], Tensor] | None = None
-    ) -> Tensor:
-        """Sets the extra inputs of ``module`` for ``matrix``, then calls ``runner`` (or it)."""
-
-        self.prepare(module, matrix)
-        return (runner if runner is not None else module)(matrix)
-
-    def __str__(self) -> str:
-        return self.name
+from ._methods import Method
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
@@ -87,7 +64,7 @@ def assert_same_state(left: dict[str, Tensor], right: dict[str, Tensor]) -> None
         assert torch.equal(value, right[name]), name
 
 
-def assert_resumes_bit_identically(case: Case, inputs: Sequence[Tensor], split: int) -> None:
+def assert_resumes_bit_identically(case: Method, inputs: Sequence[Tensor], split: int) -> None:
     """
     A checkpoint taken after ``split`` steps, saved and loaded with ``weights_only=True`` into a
     fresh instance, continues exactly as the uninterrupted run.
@@ -110,7 +87,7 @@ def assert_resumes_bit_identically(case: Case, inputs: Sequence[Tensor], split: 
 
 
 def assert_nonfinite_step_is_skipped(
-    case: Case, inputs: Sequence[Tensor], poisoned_index: int
+    case: Method, inputs: Sequence[Tensor], poisoned_index: int
 ) -> None:
     """
     A step whose input holds inf or NaN gives a non-finite output, leaves the state untouched,
@@ -135,7 +112,7 @@ def assert_nonfinite_step_is_skipped(
         assert_same_state(state_tensors(dirty), state_tensors(clean))
 
 
-def assert_compiled_matches_eager(case: Case, inputs: Sequence[Tensor], *, tol: float) -> None:
+def assert_compiled_matches_eager(case: Method, inputs: Sequence[Tensor], *, tol: float) -> None:
     """
     ``torch.compile(..., backend="eager", fullgraph=True)`` traces the module without a graph
     break (so no host-device synchronisation happens in its forward) and gives the eager numbers.

@@ -14,14 +14,14 @@ from torchjd.autojac import backward, jac_to_grad, mtl_backward
 from torchjd_golden import GABA, ExcessMTL, GCond, GoldenPendulum, with_grad_scaler
 from torchjd_golden._amp import UnscaledAggregator, UnscaledWeighting
 
+from ._methods import AGGREGATORS
+
 N_STEPS = 12
 OVERFLOW_STEPS = {5, 9}  # an inf loss: the scaler skips the step and halves its scale
 
+# The aggregators that need no extra input (the adaptive λ's losses are not those of this loop).
 METHODS: dict[str, Callable[[], Aggregator]] = {
-    "GoldenPendulum": GoldenPendulum,
-    "GABA": lambda: GABA(beta=0.5, warmup_steps=2),
-    "ExcessMTL": lambda: ExcessMTL(n_warmup_steps=2),
-    "GCond": GCond,
+    method.name: method.make for method in AGGREGATORS if not method.needs_extra_inputs
 }
 
 

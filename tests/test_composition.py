@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -12,46 +10,30 @@ from torchjd.aggregation import GramianWeightedAggregator, UPGrad, WeightedAggre
 from torchjd.autogram import Engine
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from torchjd_golden import (
-    GABA,
-    AdaptiveGoldenPendulum,
-    AdaptiveGoldenPendulumWeighting,
-    ExcessMTL,
-    ExcessMTLWeighting,
-    GABAWeighting,
-    GCond,
-    GCondWeighting,
-    GoldenPendulum,
-    GoldenPendulumWeighting,
-    weighting_from_config,
-)
+from torchjd_golden import GABA, GoldenPendulum, weighting_from_config
 
 from ._inputs import conflicting_jacobian
+from ._methods import AGGREGATORS, Method, weighting_of
 
-# (our aggregator, the same maths as torchjd's base class around our weighting)
-PAIRS: dict[str, tuple[Callable[[], nn.Module], Callable[[], nn.Module]]] = {
-    "GoldenPendulum": (
-        GoldenPendulum,
-        lambda: GramianWeightedAggregator(GoldenPendulumWeighting()),
-    ),
-    "GABA": (
-        lambda: GABA(warmup_steps=1),
-        lambda: GramianWeightedAggregator(GABAWeighting(warmup_steps=1)),
-    ),
-    "AdaptiveGoldenPendulum": (
-        lambda: AdaptiveGoldenPendulum(loss_ratio_aware=False),
-        lambda: GramianWeightedAggregator(AdaptiveGoldenPendulumWeighting(loss_ratio_aware=False)),
-    ),
-    "ExcessMTL": (ExcessMTL, lambda: WeightedAggregator(ExcessMTLWeighting())),
-    "GCond": (lambda: GCond(momentum_beta=0.0), lambda: WeightedAggregator(GCondWeighting())),
-}
+WEIGHTED_SUMS = [method for method in AGGREGATORS if method.weighted_sum]
 
 
-@pytest.mark.parametrize("name", PAIRS)
-def test_our_weightings_inside_torchjds_aggregator_bases(name: str) -> None:
-    ours, composed = (make() for make in PAIRS[name])
+def _torchjd_base_around_our_weighting(method: Method) -> nn.Module:
+    """torchjd's own base class around the weighting of a fresh instance of ``method``."""
+
+    aggregator = method.make()
+    if isinstance(aggregator, GramianWeightedAggregator):
+        return GramianWeightedAggregator(aggregator.gramian_weighting)
+    return WeightedAggregator(weighting_of(aggregator))
+
+
+@pytest.mark.parametrize("method", WEIGHTED_SUMS, ids=str)
+def test_our_weightings_inside_torchjds_aggregator_bases(method: Method) -> None:
+    ours, composed = method.make(), _torchjd_base_around_our_weighting(method)
     for seed in range(4):
         jacobian = conflicting_jacobian(4, 30, seed=seed, decades=2.0, dtype=torch.float32)
+        method.extra_inputs(ours, jacobian)
+        method.extra_inputs(weighting_of(composed), jacobian)
         assert_close(composed(jacobian), ours(jacobian), rtol=1e-5, atol=1e-7)
 
 
@@ -110,14 +92,10 @@ def test_grouping_mixes_our_aggregators_with_upgrad() -> None:
     assert all(int(a.gramian_weighting.step_count) == 1 for a in per_layer)  # separate states
 
 
-@pytest.mark.parametrize("name", PAIRS)
-def test_forward_hooks_on_the_aggregator_and_its_weighting(name: str) -> None:
-    aggregator = PAIRS[name][0]()
-    inner = (
-        aggregator.gramian_weighting
-        if isinstance(aggregator, GramianWeightedAggregator)
-        else aggregator.weighting
-    )  # type: ignore[union-attr]
+@pytest.mark.parametrize("method", WEIGHTED_SUMS, ids=str)
+def test_forward_hooks_on_the_aggregator_and_its_weighting(method: Method) -> None:
+    aggregator = method.make()
+    inner = weighting_of(aggregator)
     seen: dict[str, Tensor] = {}
     aggregator.register_forward_hook(lambda _m, _i, output: seen.__setitem__("aggregation", output))
     inner.register_forward_hook(lambda _m, _i, weights: seen.__setitem__("weights", weights))
@@ -125,6 +103,7 @@ def test_forward_hooks_on_the_aggregator_and_its_weighting(name: str) -> None:
     inner.register_forward_hook(lambda _m, _i, weights: weights * torch.tensor([0.0, 1.0, 1.0]))
 
     jacobian = conflicting_jacobian(3, 20, seed=1, decades=1.0, dtype=torch.float32)
+    method.extra_inputs(aggregator, jacobian)
     output = aggregator(jacobian)
 
     assert torch.equal(seen["aggregation"], output)

@@ -28,9 +28,11 @@ from torchjd_golden import (
     weighting_from_config,
 )
 
+from ._methods import AGGREGATORS
+
 ROOT = Path(__file__).resolve().parents[1]
 
-OUR_AGGREGATORS = ["GoldenPendulum", "AdaptiveGoldenPendulum", "GABA", "ExcessMTL", "GCond"]
+OUR_AGGREGATORS = sorted({method.factory.__name__ for method in AGGREGATORS})
 TORCHJD_AGGREGATORS = [
     name
     for name in torchjd_aggregation.__all__

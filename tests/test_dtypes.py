@@ -12,27 +12,22 @@ import torch
 from torch import Tensor, nn
 
 from torchjd_golden import (
-    GABA,
-    AdaptiveGoldenPendulum,
-    ExcessMTL,
     ExcessMTLWeighting,
     GABAWeighting,
-    GCond,
     GCondWeighting,
-    GoldenPendulum,
     GoldenPendulumWeighting,
 )
 
 from ._inputs import conflicting_jacobian
+from ._methods import AGGREGATORS as AGGREGATOR_METHODS
 
+# Each aggregator without extra inputs (the adaptive variant's losses are set in its own tests).
 AGGREGATORS: dict[str, Callable[[], nn.Module]] = {
-    "GoldenPendulum": GoldenPendulum,
-    "AdaptiveGoldenPendulum": lambda: AdaptiveGoldenPendulum(loss_ratio_aware=False),
-    "GABA": lambda: GABA(beta=0.5, warmup_steps=1),
-    "ExcessMTL": lambda: ExcessMTL(n_warmup_steps=1),
-    "GCond": GCond,
+    method.name: method.make for method in AGGREGATOR_METHODS if not method.needs_extra_inputs
 }
-STATEFUL = [name for name in AGGREGATORS if name != "GoldenPendulum"]
+STATEFUL = [
+    method.name for method in AGGREGATOR_METHODS if method.stateful and method.name in AGGREGATORS
+]
 
 # Relative error of a 5-step run against float64 on the same rounded input: a few units of the
 # dtype's rounding (float16 has an 11-bit significand, bfloat16 an 8-bit one).

@@ -15,19 +15,16 @@ from benchmarks._measure import peak_memory_supported
 from torchjd_golden import ExcessMTL, ExcessMTLWeighting, _excess_mtl
 
 from ._asserts import (
-    Case,
     assert_compiled_matches_eager,
-    assert_expected_structure,
     assert_linear_under_scaling,
-    assert_non_differentiable,
     assert_nonfinite_step_is_skipped,
     assert_resumes_bit_identically,
     relative_error,
 )
-from ._inputs import scaled_matrices, typical_matrices
+from ._methods import Method
 
-OURS = Case("ExcessMTL", lambda: ExcessMTL(n_warmup_steps=2))
-THEIRS = Case("torchjd ExcessMTL", lambda: TorchJDExcessMTL(n_warmup_steps=2))
+OURS = Method("ExcessMTL", ExcessMTL, {"n_warmup_steps": 2}, stateful=True)
+THEIRS = Method("torchjd ExcessMTL", TorchJDExcessMTL, {"n_warmup_steps": 2}, stateful=True)
 
 
 def _sequence(m: int, n: int, length: int, seed: int) -> list[Tensor]:
@@ -101,16 +98,6 @@ def test_warmup_is_uniform_and_its_average_is_the_baseline() -> None:
     expected = 0.5 * torch.exp(risks[2] / (baseline + 1e-7))
     assert_close(weighting(jacobians[2]), expected / expected.sum())
     assert_close(weighting.baseline, baseline)
-
-
-@pytest.mark.parametrize("matrix", typical_matrices + scaled_matrices)
-def test_expected_structure(matrix: Tensor) -> None:
-    assert_expected_structure(ExcessMTL(), matrix)
-
-
-@pytest.mark.parametrize("matrix", typical_matrices)
-def test_non_differentiable(matrix: Tensor) -> None:
-    assert_non_differentiable(ExcessMTL(), matrix)
 
 
 def test_weights_lie_on_the_simplex() -> None:
@@ -213,31 +200,9 @@ def test_a_call_adds_no_jacobian_sized_temporaries() -> None:
     assert ratios["theirs_later"] > 2.0
 
 
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("robust_step_size", 0.0),
-        ("robust_step_size", -1.0),
-        ("n_warmup_steps", -1),
-        ("n_warmup_steps", 0.5),
-    ],
-)
-def test_setters_reject_bad_values(name: str, value: object) -> None:
-    for target in (ExcessMTL(), ExcessMTLWeighting()):
-        with pytest.raises(ValueError, match=f"`{name}`"):
-            setattr(target, name, value)
-    with pytest.raises(ValueError, match=f"`{name}`"):
-        ExcessMTL(**{name: value})  # type: ignore[arg-type]
-
-
-def test_representations() -> None:
-    assert repr(ExcessMTL()) == "ExcessMTL(robust_step_size=1.0, n_warmup_steps=0)"
-    assert (
-        repr(ExcessMTLWeighting(0.5, 3))
-        == "ExcessMTLWeighting(robust_step_size=0.5, n_warmup_steps=3)"
-    )
+def test_same_representation_as_torchjd() -> None:
     assert repr(ExcessMTL()) == repr(TorchJDExcessMTL())
-    assert str(ExcessMTL()) == "ExcessMTL"
+    assert repr(ExcessMTL(0.5, 3)) == repr(TorchJDExcessMTL(0.5, 3))
 
 
 def test_not_linear_under_scaling() -> None:

@@ -6,23 +6,14 @@ where the method says so, over single calls and over sequences of calls of the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchjd_golden import (
-    GABA,
-    AdaptiveGoldenPendulum,
-    ExcessMTL,
-    ExcessMTLWeighting,
-    GABAWeighting,
-    GCond,
-    GoldenPendulum,
-    GoldenPendulumWeighting,
-)
+from torchjd_golden import ExcessMTLWeighting, GABAWeighting, GoldenPendulumWeighting
+
+from ._methods import AGGREGATORS, METHODS, Method
 
 # Derandomised so that CI runs the same examples every time.
 settings.register_profile("torchjd-golden", derandomize=True, deadline=None, max_examples=60)
@@ -82,27 +73,24 @@ def _assert_on_simplex(weights: Tensor, dtype: torch.dtype) -> None:
     assert abs(float(weights.double().sum()) - 1.0) <= _tolerance(dtype) * weights.numel()
 
 
-AGGREGATORS: dict[str, Callable[[], nn.Module]] = {
-    "GoldenPendulum": GoldenPendulum,
-    "GoldenPendulum without PCGrad": lambda: GoldenPendulum(pcgrad=False),
-    "AdaptiveGoldenPendulum": AdaptiveGoldenPendulum,
-    "GABA": lambda: GABA(warmup_steps=0),
-    "ExcessMTL": lambda: ExcessMTL(n_warmup_steps=1),
-    "GCond": GCond,
-    "GCond with smooth logic": lambda: GCond(use_smooth_logic=True),
-}
+BY_NAME = {method.name: method for method in METHODS}
+STATEFUL_AGGREGATORS = sorted(method.name for method in AGGREGATORS if method.stateful)
+SIMPLEX_WEIGHTINGS = sorted(method.name for method in METHODS if method.simplex_weights)
 
 
-def _call(name: str, aggregator: nn.Module, jacobian: Tensor, losses: Tensor) -> Tensor:
-    if isinstance(aggregator, AdaptiveGoldenPendulum):
-        aggregator.losses = losses  # its extra input
-    return aggregator(jacobian)
+def _call(method: Method, module: torch.nn.Module, jacobian: Tensor, losses: Tensor) -> Tensor:
+    if method.needs_extra_inputs:
+        module.losses = losses  # type: ignore[assignment]
+    return module(method.input_of(jacobian))
 
 
-@given(jacobian=jacobians(), dtype=DTYPES, name=st.sampled_from(sorted(AGGREGATORS)))
+@given(
+    jacobian=jacobians(), dtype=DTYPES, name=st.sampled_from(sorted(m.name for m in AGGREGATORS))
+)
 def test_one_call_gives_a_finite_output(jacobian: Tensor, dtype: torch.dtype, name: str) -> None:
+    method = BY_NAME[name]
     losses = jacobian.norm(dim=1) ** 2 + 1e-3
-    output = _call(name, AGGREGATORS[name](), jacobian.to(dtype), losses)
+    output = _call(method, method.make(), jacobian.to(dtype), losses)
     assert output.shape == jacobian.shape[1:]
     assert output.dtype == dtype
     assert output.isfinite().all(), output
@@ -112,22 +100,31 @@ def test_one_call_gives_a_finite_output(jacobian: Tensor, dtype: torch.dtype, na
 @given(
     steps=sequences(),
     dtype=DTYPES,
-    name=st.sampled_from(
-        ["AdaptiveGoldenPendulum", "GABA", "ExcessMTL", "GCond", "GCond with smooth logic"]
-    ),
+    name=st.sampled_from(STATEFUL_AGGREGATORS),
     loss_exponents=st.lists(st.floats(-6.0, 6.0), min_size=6, max_size=6),
 )
 def test_stateful_outputs_stay_finite_over_many_calls(
     steps: list[Tensor], dtype: torch.dtype, name: str, loss_exponents: list[float]
 ) -> None:
-    aggregator = AGGREGATORS[name]()
+    method = BY_NAME[name]
+    aggregator = method.make()
     m = steps[0].shape[0]
     losses = 10.0 ** torch.tensor(loss_exponents[:m], dtype=dtype)
     for jacobian in steps:
-        output = _call(name, aggregator, jacobian.to(dtype), losses)
+        output = _call(method, aggregator, jacobian.to(dtype), losses)
         assert output.isfinite().all(), output
     for value in aggregator.state_dict().values():
         assert not value.is_floating_point() or value.isfinite().all()
+
+
+@given(steps=sequences(), dtype=DTYPES, name=st.sampled_from(SIMPLEX_WEIGHTINGS))
+def test_simplex_weights_stay_on_the_simplex(
+    steps: list[Tensor], dtype: torch.dtype, name: str
+) -> None:
+    method = BY_NAME[name]
+    weighting = method.make()
+    for jacobian in steps:
+        _assert_on_simplex(_call(method, weighting, jacobian.to(dtype), torch.ones(1)), dtype)
 
 
 @given(jacobian=jacobians(), dtype=DTYPES, pcgrad=st.booleans())
@@ -163,7 +160,7 @@ def test_gaba_weights_stay_on_the_simplex_above_their_floor(
 
 
 @given(steps=sequences(), dtype=DTYPES, step_size=st.floats(1e-3, 10.0))
-def test_excess_mtl_weights_stay_on_the_simplex(
+def test_excess_mtl_weights_stay_on_the_simplex_for_any_step_size(
     steps: list[Tensor], dtype: torch.dtype, step_size: float
 ) -> None:
     weighting = ExcessMTLWeighting(robust_step_size=step_size, n_warmup_steps=1)

@@ -2,49 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import pytest
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
-from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
+from torchjd.aggregation import GramianWeightedAggregator
 from torchjd.autogram import Engine
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from torchjd_golden import GABA, AdaptiveGoldenPendulum, ExcessMTL, GCond, GoldenPendulum
+from ._methods import AGGREGATORS, Method, weighting_of
 
 TASK_SCALES = torch.tensor([300.0, 1.0, 0.01])
 N_STEPS = 4
 
-
-def _no_extra_input(aggregator: nn.Module, losses: Tensor) -> None:
-    del aggregator, losses
-
-
-def _set_losses(aggregator: nn.Module, losses: Tensor) -> None:
-    aggregator.losses = losses  # type: ignore[assignment]
-
-
-@dataclass
-class Method:
-    name: str
-    make: Callable[[], WeightedAggregator]
-    prepare: Callable[[nn.Module, Tensor], None] = field(default=_no_extra_input)
-
-    def __str__(self) -> str:
-        return self.name
-
-
-METHODS = [
-    Method("GoldenPendulum", GoldenPendulum),
-    Method("AdaptiveGoldenPendulum", AdaptiveGoldenPendulum, _set_losses),
-    Method("GABA", lambda: GABA(beta=0.5, warmup_steps=1)),
-    Method("ExcessMTL", lambda: ExcessMTL(n_warmup_steps=1)),
-    Method("GCond", GCond),
-]
+METHODS = AGGREGATORS
 GRAMIAN_METHODS = [m for m in METHODS if isinstance(m.make(), GramianWeightedAggregator)]
+
+
+def _set_extra_inputs(method: Method, module: nn.Module, losses: Tensor) -> None:
+    """The step's real losses, for the methods that take them (the adaptive λ)."""
+
+    if method.needs_extra_inputs:
+        module.losses = losses  # type: ignore[assignment]
 
 
 def _model() -> nn.Sequential:
@@ -83,16 +62,16 @@ def test_jac_to_grad_after_backward(method: Method) -> None:
     parameters = list(model.parameters())
     aggregator, oracle = method.make(), method.make()
     oracle_weights: list[Tensor] = []
-    oracle.weighting.register_forward_hook(lambda _m, _i, output: oracle_weights.append(output))
+    oracle.weighting.register_forward_hook(lambda _m, _i, output: oracle_weights.append(output))  # type: ignore[operator]
 
     for step in range(N_STEPS):
         losses = _task_losses(model(_batch(step)[0]), _batch(step)[1])
         jacobian = _jacobian(losses, parameters)
         backward(losses)
-        method.prepare(aggregator, losses)
+        _set_extra_inputs(method, aggregator, losses)
         weights = jac_to_grad(parameters, aggregator)
 
-        method.prepare(oracle, losses)
+        _set_extra_inputs(method, oracle, losses)
         assert_close(_gradient(parameters), oracle(jacobian))
         assert weights is not None
         assert_close(weights, oracle_weights[-1])
@@ -111,7 +90,7 @@ def test_jac_to_grad_with_optimized_gramian_computation(method: Method) -> None:
         for aggregator, optimize in ((plain, False), (optimized, True)):
             losses = _task_losses(model(inputs), targets)
             backward(losses)
-            method.prepare(aggregator, losses)
+            _set_extra_inputs(method, aggregator, losses)
             jac_to_grad(parameters, aggregator, optimize_gramian_computation=optimize)  # type: ignore[call-overload]
             gradients.append(_gradient(parameters))
             model.zero_grad()
@@ -141,10 +120,10 @@ def test_mtl_backward(method: Method) -> None:
         ]
 
         mtl_backward(task_losses, features=features)
-        method.prepare(aggregator, losses)
+        _set_extra_inputs(method, aggregator, losses)
         jac_to_grad(shared, aggregator)
 
-        method.prepare(oracle, losses)
+        _set_extra_inputs(method, oracle, losses)
         assert_close(_gradient(shared), oracle(jacobian))
         for head, expected in zip(heads, head_gradients, strict=True):
             for parameter, gradient in zip(head.parameters(), expected, strict=True):
@@ -159,19 +138,19 @@ def test_autogram_engine(method: Method) -> None:
 
     engine_model, autojac_model = _model(), _model()
     engine = Engine(engine_model, batch_dim=None)
-    weighting = method.make().gramian_weighting  # type: ignore[attr-defined]
+    weighting = weighting_of(method.make())
     aggregator = method.make()
 
     for step in range(N_STEPS):
         inputs, targets = _batch(step)
         losses = _task_losses(engine_model(inputs), targets)
         gramian = engine.compute_gramian(losses)
-        method.prepare(weighting, losses)
+        _set_extra_inputs(method, weighting, losses)
         losses.backward(weighting(gramian))
 
         losses = _task_losses(autojac_model(inputs), targets)
         backward(losses)
-        method.prepare(aggregator, losses)
+        _set_extra_inputs(method, aggregator, losses)
         jac_to_grad(list(autojac_model.parameters()), aggregator)
 
         expected = _gradient(list(autojac_model.parameters()))
