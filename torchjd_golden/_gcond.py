@@ -684,7 +684,7 @@ class GCondWeighting(_GCondParameters, MatrixWeightingBase, LazyState, NonDiffer
             # the products come out of other columns of one matmul otherwise, which can round
             # differently, and the resumed run would not be bit-identical.
             steps = state.get(prefix + "step_count")
-            half = int(steps) % 2 if isinstance(steps, Tensor) else 0
+            half = int(steps) % 2 if isinstance(steps, Tensor) and steps.numel() == 1 else 0
             scratch = torch.zeros_like(previous)
             halves = [scratch, previous] if half else [previous, scratch]
             state[prefix + "jacobians"] = torch.cat(halves)
