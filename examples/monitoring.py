@@ -44,9 +44,13 @@ def main() -> None:
         )
         name = str(aggregator)
         logger = WeightLogger(
-            output / f"{name}.jsonl", tensorboard_dir=output / name, every=5, diagnostics=True
+            output / f"{name}.jsonl",
+            tasks=["x0", "x1-x0", "x2"],
+            tensorboard_dir=output / name,
+            every=5,
+            diagnostics=True,
         )
-        aggregator.gramian_weighting.register_forward_hook(logger)
+        logger.attach(aggregator)
         conflicts = []
         for _ in range(args.steps):
             features = trunk(inputs)
@@ -66,7 +70,9 @@ def main() -> None:
         mean_conflict = float(torch.stack(conflicts).mean())  # read once, at the end
         print(
             f"{name:16s} mean conflict ratio {mean_conflict:.3f}, last logged weights "
-            f"{[round(w, 3) for w in last['weights']]}, balance {last['balance_ratio']:.3f}"
+            f"{ {task: round(w, 3) for task, w in last['weights'].items()} }, "
+            f"balance {last['balance_ratio']:.3f}"
+            + (f", alpha balance {last['alpha_balance_ratio']:.3f}" if "alpha" in last else "")
         )
     print(f"JSON lines and TensorBoard event files in {output}")
 

@@ -323,3 +323,24 @@ def test_not_linear_under_scaling_when_the_arbitration_flips() -> None:
     midpoint = aggregate((2.0, 1.0))
     assert_close(midpoint, 2.0 * g, atol=1e-7, rtol=1e-7)
     assert not torch.allclose(midpoint, (aggregate((1.0, 1.0)) + aggregate((3.0, 1.0))) / 2)
+
+
+@pytest.mark.parametrize("steps_before", [1, 2])
+def test_a_checkpoint_after_an_odd_or_even_step_resumes_bit_identically(steps_before: int) -> None:
+    """
+    The previous Jacobian is loaded into the half of the scratch buffer that an uninterrupted run
+    holds it in: in the other half, its products with the next Jacobian come out of other
+    columns of one matmul, and rounded differently (this case did, after an odd step).
+    """
+
+    generator = torch.Generator().manual_seed(1)
+    jacobians = [torch.randn(5, 816, generator=generator) for _ in range(steps_before + 2)]
+    uninterrupted = GCond()
+    expected = [uninterrupted(jacobian) for jacobian in jacobians]
+    first = GCond()
+    for jacobian in jacobians[:steps_before]:
+        first(jacobian)
+    resumed = GCond()
+    resumed.load_state_dict(first.state_dict())
+    for jacobian, output in zip(jacobians[steps_before:], expected[steps_before:], strict=True):
+        assert torch.equal(resumed(jacobian), output)

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import copy
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from golden_pendulum import GoldenPendulumMTL
 from golden_pendulum.pro import DiagnosticsEngine
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.testing import assert_close
 from torch.utils.tensorboard import SummaryWriter
-from torchjd.aggregation import UPGrad
+from torchjd.aggregation import TrimmedMean, UPGrad
 from torchjd.autojac import backward, jac_to_grad
 
 from torchjd_golden import GCond, GoldenPendulum, WeightLogger, gramian_diagnostics
@@ -18,14 +22,20 @@ from torchjd_golden import GCond, GoldenPendulum, WeightLogger, gramian_diagnost
 from ._inputs import conflicting_jacobian
 
 
+def _linear_model(jacobian: torch.Tensor) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A model with one parameter vector and losses whose gradients are the rows of J."""
+
+    parameter = nn.Parameter(torch.zeros(jacobian.shape[1], dtype=jacobian.dtype))
+    model = nn.Module()
+    model.parameter = parameter
+    return model, {f"t{k}": row @ parameter for k, row in enumerate(jacobian)}
+
+
 def test_diagnostics_match_the_reference_report() -> None:
     """The DiagnosticsEngine of golden-pendulum-mtl, on a model whose task gradients are J."""
 
     jacobian = conflicting_jacobian(5, 40, seed=3, decades=3.0, dtype=torch.float32)
-    parameter = nn.Parameter(torch.zeros(40))
-    model = nn.Module()
-    model.parameter = parameter
-    losses = {f"t{k}": row @ parameter for k, row in enumerate(jacobian)}
+    model, losses = _linear_model(jacobian)
     report = DiagnosticsEngine().analyze(losses, model)
 
     ours = gramian_diagnostics(jacobian @ jacobian.T)
@@ -37,6 +47,12 @@ def test_diagnostics_match_the_reference_report() -> None:
     pairs = ours.conflicting_pairs()
     assert [(i, j) for i, j, _ in pairs] == [(i, j) for i, j, _ in expected_pairs]
     assert [c for _, _, c in pairs] == pytest.approx([c for _, _, c in expected_pairs], abs=1e-4)
+    # By name, the pairs and norms read as the reference's.
+    named = ours.as_dict(tasks=list(losses))
+    assert [(i, j) for i, j, _ in named["conflicting_pairs"]] == [
+        (i, j) for i, j, _ in report.conflict_pairs
+    ]
+    assert named["gradient_norms"] == pytest.approx(report.gradient_norms, rel=1e-5)
 
 
 def test_diagnostics_by_hand_and_balance_ratio() -> None:
@@ -59,7 +75,70 @@ def test_diagnostics_stay_on_the_device() -> None:
         assert value.device.type == "meta"
 
 
-def _train(aggregator: nn.Module, steps: int) -> None:
+_JACOBIAN = torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.0]])
+
+
+@pytest.mark.parametrize(
+    ("gramian", "weights", "message"),
+    [
+        # A Jacobian instead of its Gramian: used to fail with "The size of tensor a (3) ...".
+        (_JACOBIAN, None, r"`gramian` must be a square m x m matrix .* Found shape \(2, 3\)"),
+        (torch.ones(3), None, r"`gramian` must be a square"),
+        (torch.zeros(0, 0), None, r"`gramian` must be a square"),
+        (torch.eye(2, dtype=torch.int64), None, r"`gramian` must be floating-point"),
+        # Square but not a Gramian: used to give a report without a word.
+        (torch.tensor([[1.0, -0.5], [0.5, 1.0]]), None, r"`gramian` is not symmetric"),
+        (torch.tensor([[1.0, 0.0], [0.0, -1.0]]), None, r"`gramian` has a negative diagonal"),
+        # Weights of the wrong length: used to be accepted.
+        (_JACOBIAN @ _JACOBIAN.T, torch.ones(3), r"`weights` must hold one weight per task"),
+        (_JACOBIAN @ _JACOBIAN.T, torch.ones(1, 2), r"`weights` must hold one weight per task"),
+    ],
+)
+def test_diagnostics_name_what_is_not_a_gramian(
+    gramian: torch.Tensor, weights: torch.Tensor | None, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        gramian_diagnostics(gramian, weights)
+
+
+def test_diagnostics_reject_a_non_tensor() -> None:
+    with pytest.raises(TypeError, match="`gramian` must be a tensor"):
+        gramian_diagnostics([[1.0]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`weights` must be a tensor"):
+        gramian_diagnostics(torch.eye(2), [0.5, 0.5])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diagnostics_accept_the_rounding_of_real_gramians(dtype: torch.dtype) -> None:
+    """``J @ J.T`` of a wide Jacobian is symmetric up to rounding only: no false alarm."""
+
+    jacobian = conflicting_jacobian(16, 200_000, seed=1, decades=4.0, dtype=dtype)
+    gramian = jacobian @ jacobian.T
+    report = gramian_diagnostics(gramian)
+    assert_close(report.norms, jacobian.norm(dim=1), rtol=1e-4, atol=0.0)
+
+
+def test_a_non_finite_gramian_gives_a_non_finite_report() -> None:
+    gramian = torch.tensor([[math.nan, 1.0], [1.0, 2.0]])  # an overflow step: no error
+    assert math.isnan(float(gramian_diagnostics(gramian).norm_ratio))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the accelerator path needs a GPU")
+def test_on_an_accelerator_a_non_gramian_gives_nan_without_a_sync() -> None:
+    not_a_gramian = torch.tensor([[1.0, -0.5], [0.5, 1.0]], device="cuda")
+    gramian = _JACOBIAN.cuda() @ _JACOBIAN.cuda().T
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        bad, good = gramian_diagnostics(not_a_gramian), gramian_diagnostics(gramian)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bad.cosine.isnan().all()
+    assert math.isnan(float(bad.conflict_ratio))
+    assert float(good.conflict_ratio) == pytest.approx(1.0)
+
+
+def _train(aggregator: nn.Module, steps: int, jacobian: torch.Tensor | None = None) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     for _ in range(steps):
@@ -67,6 +146,13 @@ def _train(aggregator: nn.Module, steps: int) -> None:
         backward(losses)
         jac_to_grad(model.parameters(), aggregator)
         model.zero_grad()
+
+
+def _records(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -83,50 +169,151 @@ def test_the_logger_writes_json_lines_of_any_weighting(make, hooked, tmp_path: P
     seen = []
     hooked(aggregator).register_forward_hook(lambda _m, _i, weights: seen.append(weights.tolist()))
     with WeightLogger(tmp_path / "weights.jsonl", every=2, diagnostics=True) as logger:
-        hooked(aggregator).register_forward_hook(logger)
+        logger.attach(aggregator)
         _train(aggregator, steps=5)
 
-    records = [json.loads(line) for line in (tmp_path / "weights.jsonl").read_text().splitlines()]
+    records = _records(tmp_path / "weights.jsonl")
     assert [r["step"] for r in records] == [0, 2, 4]
     for record in records:
-        assert record["weights"] == pytest.approx(seen[record["step"]])
-        assert record["balance_ratio"] == pytest.approx(
-            min(record["weights"]) / max(record["weights"])
-        )
+        assert list(record["weights"]) == ["task_0", "task_1", "task_2"]
+        assert list(record["weights"].values()) == pytest.approx(seen[record["step"]])
+        weights = list(record["weights"].values())
+        assert record["balance_ratio"] == pytest.approx(min(weights) / max(weights))
         assert 0.0 <= record["conflict_ratio"] <= 1.0
-        assert len(record["gradient_norms"]) == 3
+        assert list(record["gradient_norms"]) == ["task_0", "task_1", "task_2"]
         assert record["method"] == str(hooked(aggregator))
+        assert ("alpha" in record) == (make is GoldenPendulum)
+
+
+def test_the_logger_names_the_tasks(tmp_path: Path) -> None:
+    names = ["depth", "segmentation", "normals"]
+    aggregator = GoldenPendulum()
+    with WeightLogger(tmp_path / "given.jsonl", tasks=names) as given:
+        given.attach(aggregator)
+        _train(aggregator, steps=1)
+    assert list(_records(tmp_path / "given.jsonl")[0]["weights"]) == names
+
+    # Without names of its own, the logger reads the weighting's `tasks` (the core's contract).
+    aggregator = GoldenPendulum()
+    aggregator.gramian_weighting.tasks = ["a", "b", "c"]
+    with WeightLogger(tmp_path / "read.jsonl", diagnostics=True) as read:
+        read.attach(aggregator)
+        _train(aggregator, steps=1)
+    record = _records(tmp_path / "read.jsonl")[0]
+    assert list(record["weights"]) == list(record["alpha"]) == ["a", "b", "c"]
+    assert all(isinstance(i, str) for i, _, _ in record["conflicting_pairs"])
+
+
+def test_the_logger_rejects_names_that_do_not_fit(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="distinct names"):
+        WeightLogger(tasks=["a", "a"])
+    with pytest.raises(ValueError, match="distinct names"):
+        WeightLogger(tasks="ab")  # type: ignore[arg-type]
+    aggregator = GoldenPendulum()
+    WeightLogger(tmp_path / "w.jsonl", tasks=["a", "b"]).attach(aggregator)
+    with pytest.raises(ValueError, match="`tasks` names 2 tasks, but there are 3 weights"):
+        _train(aggregator, steps=1)
+
+
+def test_the_logger_reports_golden_pendulum_alpha_as_the_reference_does(tmp_path: Path) -> None:
+    """
+    golden-pendulum-mtl reports the QP solution as its weights, and their balance: the logger
+    gives both next to the weights on the rows of J (which also hold the inverse norms).
+    """
+
+    jacobian = conflicting_jacobian(4, 30, seed=5, decades=2.5)
+    model, losses = _linear_model(jacobian)
+    reference = GoldenPendulumMTL()
+    expected = reference.backward(losses, model)
+
+    aggregator = GoldenPendulum()
+    with WeightLogger(tmp_path / "w.jsonl", tasks=list(losses)) as logger:
+        logger.attach(aggregator)
+        aggregator(jacobian)
+    record = _records(tmp_path / "w.jsonl")[0]
+
+    assert record["alpha"] == pytest.approx(expected, rel=1e-6)
+    assert record["alpha_balance_ratio"] == pytest.approx(reference.weight_balance_ratio, 1e-6)
+    assert record["balance_ratio"] < 0.5 * record["alpha_balance_ratio"]  # not the same number
+
+
+def test_the_logger_writes_strict_json_for_an_overflow_step(tmp_path: Path) -> None:
+    aggregator = GoldenPendulum()
+    jacobian = torch.tensor([[1.0, math.inf], [0.0, 1.0]])  # an AMP overflow step
+    with WeightLogger(tmp_path / "w.jsonl", diagnostics=True) as logger:
+        logger.attach(aggregator)
+        aggregator(jacobian)
+    text = (tmp_path / "w.jsonl").read_text()
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    record = _records(tmp_path / "w.jsonl")[0]
+    assert record["weights"] == {"task_0": None, "task_1": None}
+    assert record["balance_ratio"] is None
 
 
 def test_the_logger_writes_tensorboard_scalars(tmp_path: Path) -> None:
     aggregator = GoldenPendulum()
     seen = []
     aggregator.gramian_weighting.register_forward_hook(lambda _m, _i, w: seen.append(w.tolist()))
-    logger = WeightLogger(tensorboard_dir=tmp_path, tag="gp", diagnostics=True)
-    aggregator.gramian_weighting.register_forward_hook(logger)
+    logger = WeightLogger(tensorboard_dir=tmp_path, tag="gp", tasks=["a", "b", "c"])
+    logger.attach(aggregator)
     _train(aggregator, steps=4)
     logger.close()
 
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"gp/weight_0", "gp/weight_2", "gp/balance_ratio", "gp/conflict_ratio"} <= set(tags)
-    logged = [event.value for event in events.Scalars("gp/weight_1")]
+    expected = {"gp/weight_a", "gp/weight_c", "gp/balance_ratio", "gp/alpha_b"}
+    assert expected | {"gp/alpha_balance_ratio"} <= set(tags)
+    logged = [event.value for event in events.Scalars("gp/weight_b")]
     assert logged == pytest.approx([weights[1] for weights in seen])
-    assert [event.step for event in events.Scalars("gp/weight_1")] == [0, 1, 2, 3]
+    assert [event.step for event in events.Scalars("gp/weight_b")] == [0, 1, 2, 3]
 
 
 def test_the_logger_accepts_an_existing_writer(tmp_path: Path) -> None:
     with SummaryWriter(log_dir=str(tmp_path)) as writer:
         logger = WeightLogger(writer=writer)
         aggregator = GoldenPendulum()
-        aggregator.gramian_weighting.register_forward_hook(logger)
+        logger.attach(aggregator)
         _train(aggregator, steps=2)
         logger.close()  # leaves the caller's writer open
         writer.add_scalar("after", 1.0, 0)
     events = EventAccumulator(str(tmp_path))
     events.Reload()
-    assert "weights/weight_0" in events.Tags()["scalars"]
+    assert "weights/weight_task_0" in events.Tags()["scalars"]
+
+
+def test_a_module_carrying_the_logger_deep_copies(tmp_path: Path) -> None:
+    """The copy logs to the same files, with its own handle; the original keeps logging."""
+
+    aggregator = GoldenPendulum()
+    logger = WeightLogger(tmp_path / "w.jsonl", tensorboard_dir=tmp_path / "tb")
+    logger.attach(aggregator)
+    _train(aggregator, steps=1)
+
+    twin = copy.deepcopy(aggregator)
+    _train(twin, steps=1)
+    _train(aggregator, steps=1)
+    logger.close()
+    (twin_logger,) = twin.gramian_weighting._forward_hooks.values()
+    twin_logger.close()
+
+    assert twin_logger is not logger
+    assert [r["step"] for r in _records(tmp_path / "w.jsonl")] == [0, 1, 1]
+
+
+def test_the_logger_names_the_extra_when_tensorboard_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ImportError, match=r"pip install 'torchjd-golden\[tensorboard\]'"):
+        WeightLogger(tensorboard_dir=tmp_path)
+    WeightLogger(tmp_path / "w.jsonl")  # JSON lines alone need nothing
+
+
+def test_the_logger_needs_an_aggregator_with_weights() -> None:
+    with pytest.raises(TypeError, match="`TrimmedMean` does not combine the rows with a weighting"):
+        WeightLogger().attach(TrimmedMean(trim_number=1))
 
 
 @pytest.mark.parametrize("every", [0, -1, 1.5])

@@ -155,8 +155,15 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
         state = dict(state_dict)
         previous = state.pop(prefix + "previous_jacobian", None)
         if isinstance(previous, Tensor):
-            state[prefix + "jacobians"] = torch.cat([previous, torch.zeros_like(previous)])
-            state[prefix + "previous_half"] = torch.zeros((), dtype=torch.int64)
+            # The half an uninterrupted run would hold it in (each finite step flips it, from 0):
+            # the products come out of other columns of one matmul otherwise, which can round
+            # differently, and the resumed run would not be bit-identical.
+            steps = state.get(prefix + "step_count")
+            half = int(steps) % 2 if isinstance(steps, Tensor) and steps.numel() == 1 else 0
+            scratch = torch.zeros_like(previous)
+            halves = [scratch, previous] if half else [previous, scratch]
+            state[prefix + "jacobians"] = torch.cat(halves)
+            state[prefix + "previous_half"] = torch.tensor(half, dtype=torch.int64)
         super()._load_from_state_dict(
             state, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

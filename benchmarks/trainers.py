@@ -1,0 +1,228 @@
+"""
+The cost of the trainer integrations and of the diagnostics flag, per optimizer step, on the
+training-step model of ``python -m benchmarks`` (1.31M shared parameters, 8 heads, batch 128,
+Golden Pendulum, SGD): a plain torchjd loop (``mtl_backward`` + ``jac_to_grad``) against
+``MultiTaskModule`` under ``lightning.Trainer`` and ``MultiTaskTrainer`` of Hugging Face, each with
+and without ``diagnostics=True``.
+
+A step is timed from the start of the batch to the end of the optimizer step (Lightning's
+``on_train_batch_start``/``on_train_batch_end``, Hugging Face's ``on_step_begin``/``on_step_end``,
+the same span by hand for the loop); each configuration runs ``--steps`` steps per round, the
+rounds alternate the configurations so that drift hits all alike, and the table gives the median.
+
+Run: ``python -m benchmarks.trainers [--steps 30] [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+from torchjd_golden import GoldenPendulum
+from torchjd_golden._task_step import JacobianStep
+
+from .training_step import BATCH, N_TASKS, Network, _losses
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class Batches(Dataset):  # type: ignore[type-arg]
+    """The same batch again and again, as the training-step benchmark uses."""
+
+    def __init__(self, steps: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = torch.randn(BATCH, 256, generator=generator)
+        self.targets = torch.randn(BATCH, N_TASKS, generator=generator)
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"inputs": self.inputs, "targets": self.targets}
+
+
+def _collate(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return items[0]
+
+
+def _network() -> Network:
+    torch.manual_seed(0)
+    return Network()
+
+
+def plain_loop(steps: int, diagnostics: bool) -> list[float]:
+    network = _network()
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-4)
+    aggregator = GoldenPendulum()
+    if diagnostics:  # the same hook and recorder as the integrations'
+        JacobianStep(aggregator, diagnostics=True)
+    batch = Batches(1)[0]
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        features, outputs = network(batch["inputs"])
+        mtl_backward(_losses(outputs, batch["targets"]), features=features)
+        jac_to_grad(network.trunk.parameters(), aggregator)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def lightning_loop(steps: int, diagnostics: bool) -> list[float]:
+    from lightning import Callback, Trainer  # noqa: PLC0415 - optional dependency
+
+    from torchjd_golden.lightning import MultiTaskModule, TaskLosses  # noqa: PLC0415
+
+    class Module(MultiTaskModule):
+        def __init__(self) -> None:
+            super().__init__(GoldenPendulum(), diagnostics=diagnostics)
+            self.network = _network()
+
+        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> TaskLosses:
+            features, outputs = self.network(batch["inputs"])
+            return TaskLosses(_losses(outputs, batch["targets"]), features=features)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+    times: list[float] = []
+
+    class Timer(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+    )
+    data = DataLoader(Batches(steps), batch_size=1, collate_fn=_collate)
+    trainer.fit(Module(), data)
+    return times
+
+
+class HuggingFaceNetwork(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.network = _network()
+
+    def forward(self, inputs: Tensor, targets: Tensor) -> dict[str, Any]:
+        features, outputs = self.network(inputs)
+        return {"losses": _losses(outputs, targets), "features": features}
+
+
+def huggingface_loop(steps: int, diagnostics: bool) -> list[float]:
+    from transformers import TrainerCallback, TrainingArguments  # noqa: PLC0415
+
+    from torchjd_golden.huggingface import MultiTaskTrainer  # noqa: PLC0415
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            times.append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as output:
+        arguments = TrainingArguments(
+            output,
+            max_steps=steps,
+            per_device_train_batch_size=1,
+            learning_rate=1e-4,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            save_strategy="no",
+            logging_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = MultiTaskTrainer(
+            model=HuggingFaceNetwork(),
+            args=arguments,
+            train_dataset=Batches(steps),
+            data_collator=_collate,
+            aggregator=GoldenPendulum(),
+            diagnostics=diagnostics,
+            callbacks=[Timer()],
+        )
+        trainer.train()
+    return times
+
+
+LOOPS: dict[str, Callable[[int, bool], list[float]]] = {
+    "plain torchjd loop": plain_loop,
+    "Lightning MultiTaskModule": lightning_loop,
+    "Hugging Face MultiTaskTrainer": huggingface_loop,
+}
+
+
+def trainer_table(steps: int, rounds: int) -> dict[tuple[str, bool], float]:
+    """Median seconds per step of each loop, with and without diagnostics, and the table."""
+
+    samples: dict[tuple[str, bool], list[float]] = {
+        (name, flag): [] for name in LOOPS for flag in (False, True)
+    }
+    for _ in range(rounds):
+        for (name, flag), values in samples.items():
+            values.extend(LOOPS[name](steps, flag)[2:])  # the first steps warm up
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    plain = medians[("plain torchjd loop", False)]
+    print(
+        f"## Trainer integrations, {steps} steps x {rounds} rounds, Golden Pendulum, "
+        f"{N_TASKS} tasks, batch {BATCH}\n"
+    )
+    print("| loop | ms/step | / plain loop | with diagnostics, ms | diagnostics cost |")
+    print("|---|---|---|---|---|")
+    for name in LOOPS:
+        off, on = medians[(name, False)], medians[(name, True)]
+        print(
+            f"| {name} | {1e3 * off:.1f} | {off / plain:.3f} | {1e3 * on:.1f} | "
+            f"{100 * (on - off) / off:+.1f}% |"
+        )
+    print("\nTarget: the diagnostics flag at most 2% of the step.\n")
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.trainers", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each configuration")
+    args = parser.parse_args()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+    transformers_logging.set_verbosity_error()
+    trainer_table(args.steps, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The trainer-free core of the integrations: reading per-task losses, one step of accumulation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torchjd.aggregation import UPGrad
+from torchjd.autojac import backward, jac_to_grad
+
+from torchjd_golden import GCond, GoldenPendulum
+from torchjd_golden._recorder import GramianReportRecorder
+from torchjd_golden._task_step import JacobianStep, TaskLosses, split_task_losses
+
+
+def _losses(seed: int = 0) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    return model, ((model(torch.randn(8, 4)) - torch.randn(8, 3)) ** 2).mean(dim=0)
+
+
+def test_the_forms_of_per_task_losses() -> None:
+    a, b = torch.tensor(1.0), torch.tensor([2.0])
+    features = torch.ones(2)
+
+    names, vector, none = split_task_losses({"seg": a, "depth": b})
+    assert names == ("seg", "depth")
+    assert vector.tolist() == [1.0, 2.0]
+    assert none is None
+    assert split_task_losses([a, b])[0] == ("task_0", "task_1")
+    assert split_task_losses(torch.tensor([3.0, 4.0, 5.0]))[0] == ("task_0", "task_1", "task_2")
+    assert split_task_losses(torch.tensor(3.0))[0] == ("task_0",)
+    assert split_task_losses(TaskLosses({"a": a}, features=features))[2] is features
+    # A model's output mapping with a `losses` entry (a Hugging Face ModelOutput, say).
+    names, _, given = split_task_losses({"losses": {"a": a}, "features": features, "logits": b})
+    assert names == ("a",)
+    assert given is features
+
+
+@pytest.mark.parametrize(
+    ("output", "error", "message"),
+    [
+        ({}, ValueError, "no task loss"),
+        ({"a": torch.ones(2)}, ValueError, "loss of task 'a' must be a scalar tensor"),
+        ([1.0], ValueError, "loss of task 'task_0' must be a scalar tensor"),
+        (torch.ones(2, 2), ValueError, r"must be a vector.*shape \(2, 2\)"),
+        ("loss", TypeError, "must give per-task losses"),
+        (3.0, TypeError, "must give per-task losses"),
+    ],
+)
+def test_what_is_not_per_task_losses_is_named(output: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        split_task_losses(output)
+
+
+def test_micro_batches_add_up_and_resolve_once() -> None:
+    """Two micro-batches of half the loss: the Jacobian of the mean, one GCond call."""
+
+    step = JacobianStep(GCond())
+    model, _ = _losses()
+    reference_model, _ = _losses()  # the same initial parameters
+    reference = GCond()
+    total = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        inputs, targets = torch.randn(8, 4), torch.randn(8, 3)
+        losses = ((model(inputs) - targets) ** 2).mean(dim=0)
+        step.backward(step.take({"a": losses[0], "b": losses[1], "c": losses[2]}) / 2)
+        total.append(((reference_model(inputs) - targets) ** 2).mean(dim=0) / 2)
+    weights = step.resolve(model.parameters())
+    backward(total[0] + total[1])
+    expected = jac_to_grad(reference_model.parameters(), reference)
+
+    assert weights is not None
+    assert torch.equal(weights, expected)
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)  # type: ignore[arg-type]
+    assert int(step.aggregator.weighting.step_count) == 1  # type: ignore[union-attr]
+    assert set(step.weight_scalars()) == {"weight/a", "weight/b", "weight/c", "balance_ratio"}
+
+
+def test_golden_pendulum_adds_alpha_to_the_scalars() -> None:
+    step = JacobianStep("golden_pendulum")
+    model, losses = _losses()
+    step.backward(step.take(losses))
+    step.resolve(model.parameters())
+    scalars = step.weight_scalars()
+    alpha = step.aggregator.alpha  # type: ignore[union-attr]
+    assert [float(scalars[f"alpha/task_{k}"]) for k in range(3)] == alpha.tolist()
+    assert float(scalars["alpha_balance_ratio"]) == pytest.approx(float(alpha.min() / alpha.max()))
+
+
+def test_the_tasks_must_not_change_within_a_step() -> None:
+    step = JacobianStep("mean")
+    model, losses = _losses()
+    step.backward(step.take({"a": losses[0], "b": losses[1]}))
+    with pytest.raises(ValueError, match=r"from \['a', 'b'\] to \['a', 'c'\]"):
+        step.take({"a": losses[0], "c": losses[2]})
+    step.resolve(model.parameters())
+    step.take({"a": losses[0], "c": losses[2]})  # a new step may have other tasks
+
+
+def test_a_step_without_backward_resolves_nothing() -> None:
+    model, _ = _losses()
+    assert JacobianStep("upgrad").resolve(model.parameters()) is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_adaptive_golden_pendulum_gets_the_losses() -> None:
+    step = JacobianStep("adaptive_golden_pendulum")
+    seen: list[Tensor] = []
+    step.aggregator.gramian_weighting.register_forward_pre_hook(  # type: ignore[union-attr]
+        lambda module, _args: seen.append(module.losses)
+    )
+    model, losses = _losses()
+    step.backward(step.take(losses / 2))
+    _, more = _losses(1)
+    step.backward(step.take(more / 2))
+    step.resolve(model.parameters())
+    torch.testing.assert_close(seen[0], (losses + more).detach() / 2)
+
+
+def test_the_default_recorder_keeps_the_report_of_the_step() -> None:
+    step = JacobianStep(UPGrad(), diagnostics=True)
+    assert isinstance(step.recorder, GramianReportRecorder)
+    model, losses = _losses()
+    step.backward(step.take(losses))
+    jacobian = torch.cat([p.jac.flatten(1) for p in model.parameters()], dim=1)  # type: ignore[attr-defined]
+    step.resolve(model.parameters())
+
+    report = step.recorder.report
+    assert report is not None
+    torch.testing.assert_close(report.norms, jacobian.norm(dim=1))
+    assert step.recorder.tasks == ("task_0", "task_1", "task_2")
+    assert set(step.recorder.scalars()) == {"conflict_ratio", "norm_ratio"}
+
+
+def test_a_recorder_must_have_a_record_method() -> None:
+    with pytest.raises(TypeError, match="`diagnostics` must be a bool or an object with a"):
+        JacobianStep("upgrad", diagnostics=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="no weights to log"):
+        JacobianStep({"name": "trimmed_mean", "trim_number": 1}, diagnostics=True)
+
+
+def test_the_scaled_aggregator_is_built_once_per_scaler() -> None:
+    step = JacobianStep(GoldenPendulum())
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    assert step._aggregator_for(None) is step.aggregator
+    assert step._aggregator_for(scaler) is step._aggregator_for(scaler)
+    assert step._aggregator_for(torch.amp.GradScaler("cpu", enabled=False)) is step.aggregator
+
+
+def test_the_package_does_not_import_the_trainers() -> None:
+    trainers = "{'lightning', 'transformers', 'accelerate'}"
+    code = f"import sys, torchjd_golden; print(sorted({trainers} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
