@@ -282,7 +282,7 @@ class ConflictMonitor:
         m = gramian.shape[0]
         cosine, _ = normalize_gramian(gramian, min_norm=_MIN_NORM)
         norms = row_norms(gramian)
-        conflicts = (cosine < 0.0).triu(diagonal=1).sum()
+        conflicts = (cosine < 0.0).triu(diagonal=1).sum().to(torch.float64)
         conflict_ratio = conflicts / max(m * (m - 1) // 2, 1)
         norm_ratio = norms.max() / norms.min().clamp(min=_MIN_NORM_FOR_RATIO)
         deviation, balance = self._weight_statistics(gramian)
