@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
@@ -323,3 +324,9 @@ def test_set_of_unsortable_names_is_ordered_by_repr() -> None:
     assert TaskGroup("g", {"b", 1, "a"}).tasks == ("a", "b", 1)  # "'" < "1"
     assert TaskGroup("g", {"b", "a"}).tasks == ("a", "b")
     assert TaskGroup("g", ["b", "a"]).tasks == ("b", "a")
+
+
+def test_registered_as_entry_points() -> None:
+    points = {point.name: point for point in entry_points(group="torchjd_golden")}
+    assert points["DynamicK"].load() is DynamicK
+    assert points["DynamicKWeighting"].load() is DynamicKWeighting
