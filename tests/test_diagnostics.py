@@ -225,6 +225,16 @@ def test_weights_by_name_follow_the_names() -> None:
     assert report.weight_deviation == pytest.approx(float(expected.norm()))
 
 
+def test_weights_given_as_floats_with_a_gramian_elsewhere() -> None:
+    """Weights by name (host floats) and Gramians as tensors: the window follows the weights."""
+
+    monitor = ConflictMonitor(tasks=["a", "b"])
+    for step in range(56):
+        monitor.record_weights({"a": 0.3 + 0.1 * (step % 2), "b": 0.7 - 0.1 * (step % 2)})
+        monitor.record(torch.eye(2, dtype=torch.float32))
+    assert monitor.report().resonance_score == pytest.approx(54 / 56)  # (L - 2) / L at lag 2
+
+
 def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="window_size"):
         ConflictMonitor(window_size=0)

@@ -130,6 +130,32 @@ def test_the_aggregator_computes_only_the_blocks_it_reads() -> None:
     assert_close(output, named(DynamicKWeighting(GROUPS))(full) @ jacobian)
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [[0, 1], [2, 3], [4, 5], [6], [7, 8, 9]],  # a run of equal consecutive blocks first
+        [[0], [1], [2], [3, 4, 5], [6, 7, 8], [9]],
+        [[1, 3], [0, 2], [4, 5, 6, 7, 8, 9]],  # rows out of order
+        [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]],
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_the_blocks_equal_those_of_the_gramian(layout: list[list[int]], dtype: torch.dtype) -> None:
+    jacobian = conflicting_jacobian(10, 50, seed=7, decades=1.0).to(dtype)
+    groups = [TaskGroup(f"g{k}", rows) for k, rows in enumerate(layout)]
+    seen = []
+    aggregator = DynamicK(groups)
+    aggregator.gramian_weighting.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    aggregator(jacobian)
+    full = jacobian.double() @ jacobian.double().T
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    for rows in layout:
+        mask[torch.tensor(rows).unsqueeze(1), torch.tensor(rows)] = True
+    (gramian,) = seen
+    assert gramian.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    assert_close(gramian.double(), torch.where(mask, full, 0.0), rtol=1e-6, atol=1e-6)
+
+
 def test_regrouping_calls_and_reference_mode_read_the_full_gramian() -> None:
     jacobian = conflicting_jacobian(4, 20, seed=3)
     automatic = DynamicKWeighting(auto_group=True, regroup_every=2)
@@ -269,6 +295,11 @@ def test_jac_to_grad_and_the_autogram_engine(optimize: bool) -> None:
 
     for mine, expected in zip(engine_model.parameters(), autojac.parameters(), strict=True):
         assert_close(mine.grad, expected.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_before_any_call_nothing_is_active() -> None:
+    aggregator = DynamicK(GROUPS)
+    assert (aggregator.active_groups, aggregator.group_weights, aggregator.alpha) == ((), {}, None)
 
 
 def test_one_task_gives_the_raw_gradient() -> None:

@@ -357,7 +357,7 @@ class ConflictMonitor:
         column = self._columns[self._weight_names[0][0]]
         length = min(kept, _RESONANCE_SPAN)
         first = self._weight_count - length
-        slots = (torch.arange(length, device=like.device) + first) % self.window_size
+        slots = (torch.arange(length, device=self._weights.device) + first) % self.window_size
         series = torch.where(self._present[slots, column], self._weights[slots, column], 0.0).to(
             like.device
         )

@@ -309,6 +309,8 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
     @property
     def group_weights(self) -> dict[str, float]:
         """The golden weight :math:`\\beta_p` of each group of the last call, by group name."""
+        if not self.active_groups:
+            return {}
         weights = golden_ratio_weights(len(self.active_groups), dtype=torch.float64).tolist()
         return {group.name: w for group, w in zip(self.active_groups, weights, strict=True)}
 
@@ -608,7 +610,40 @@ def _needed_gramian(weighting: DynamicKWeighting, matrix: Matrix) -> PSDMatrix:
         return compute_gramian(matrix)  # type: ignore[return-value]
     m = matrix.shape[0]
     gramian = matrix.new_zeros((m, m), dtype=accumulation_dtype(matrix.dtype))
-    for rows in blocks:
-        index = torch.tensor(rows, device=matrix.device)
-        gramian[index.unsqueeze(1), index] = compute_gramian(matrix.index_select(0, index))
+    for rows, count in _runs(blocks):
+        first, size = rows[0], len(rows)
+        if count > 1 and accumulation_dtype(matrix.dtype) == matrix.dtype:
+            # Equal blocks of consecutive rows: one batched product on a view of the rows, which
+            # a BLAS runs much faster than a thin (size x n) @ (n x size) product per block.
+            batch = matrix[first : first + count * size].view(count, size, -1)
+            products = torch.bmm(batch, batch.transpose(1, 2))
+            for k in range(count):
+                at = first + k * size
+                gramian[at : at + size, at : at + size] = products[k]
+        elif rows == list(range(first, first + size)):
+            for at in range(first, first + count * size, size):
+                block = compute_gramian(matrix[at : at + size])
+                gramian[at : at + size, at : at + size] = block
+        else:
+            index = torch.tensor(rows, device=matrix.device)
+            gramian[index.unsqueeze(1), index] = compute_gramian(matrix.index_select(0, index))
     return gramian  # type: ignore[return-value]
+
+
+def _runs(blocks: list[list[int]]) -> list[tuple[list[int], int]]:
+    """
+    ``blocks`` as (first block, count) runs: a run is ``count`` blocks of consecutive rows of
+    one size, each starting where the previous ends.
+    """
+
+    runs: list[tuple[list[int], int]] = []
+    for rows in blocks:
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        if runs and contiguous:
+            first, count = runs[-1]
+            follows = first[0] + count * len(first) == rows[0] and len(first) == len(rows)
+            if follows and first == list(range(first[0], first[0] + len(first))):
+                runs[-1] = (first, count + 1)
+                continue
+        runs.append((rows, 1))
+    return runs
