@@ -120,7 +120,7 @@ def check_task_names(value: Iterable[Hashable] | None) -> tuple[Hashable, ...] |
 
 @dataclass(frozen=True)
 class _Block:
-    """The rows of one group present in a call, in the group's order, and its golden weight."""
+    """A group, and the rows of its tasks present in a call, in the group's order."""
 
     group: TaskGroup
     rows: tuple[int, ...]
@@ -365,11 +365,9 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
         working = gramian.to(accumulation_dtype(gramian.dtype))
         if m == 1:
             self.step_count += 1
-            self.alpha, self.active_groups = (
-                torch.ones_like(working[0]),
-                (TaskGroup(CATCH_ALL, names),),
-            )
-            return nan_unless(all_finite(working), torch.ones_like(working[0])).to(gramian.dtype)
+            self.alpha = torch.ones_like(working[0])
+            self.active_groups = (TaskGroup(CATCH_ALL, names),)
+            return nan_unless(all_finite(working), self.alpha).to(gramian.dtype)
         if self.regroups_next_call():
             self._regroup(working, names)
         blocks = self._blocks(names)
