@@ -361,3 +361,15 @@ def test_registered_as_entry_points() -> None:
     points = {point.name: point for point in entry_points(group="torchjd_golden")}
     assert points["DynamicK"].load() is DynamicK
     assert points["DynamicKWeighting"].load() is DynamicKWeighting
+
+
+def test_compiled_matches_eager() -> None:
+    """Without regrouping a call traces with fullgraph=True: no host synchronisation."""
+
+    eager, traced = named(DynamicKWeighting(GROUPS)), named(DynamicKWeighting(GROUPS))
+    torch._dynamo.reset()
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)
+    for seed in range(3):
+        jacobian = conflicting_jacobian(6, 20, seed=seed)
+        assert_close(compiled(jacobian @ jacobian.T), eager(jacobian @ jacobian.T))
+    assert traced.step_count == eager.step_count == 3
