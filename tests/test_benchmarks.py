@@ -8,7 +8,9 @@ import math
 import torch
 
 from benchmarks.aggregation import _fit, golden_reference_chain
-from torchjd_golden import GoldenPendulum
+from benchmarks.dynamic_k import groups_of
+from benchmarks.dynamic_k import reference_chain as dynamic_k_reference_chain
+from torchjd_golden import DynamicK, GoldenPendulum
 
 from ._inputs import conflicting_jacobian
 
@@ -26,3 +28,10 @@ def test_the_growth_fit_recovers_the_exponents() -> None:
     a, b = _fit(samples)
     assert math.isclose(a, 1.7, abs_tol=1e-9)
     assert math.isclose(b, 0.25, abs_tol=1e-9)
+
+
+def test_the_dynamic_k_reference_chain_computes_dynamic_k_across_groups() -> None:
+    for m in (5, 8, 13):
+        jacobian = conflicting_jacobian(m, 300, seed=m, decades=2.0, dtype=torch.float64)
+        expected = DynamicK(groups_of(m), pcgrad_across_groups=True)(jacobian)
+        torch.testing.assert_close(dynamic_k_reference_chain(jacobian), expected)

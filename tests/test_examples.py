@@ -21,6 +21,11 @@ RUNS = {
     "gcond_accumulation.py": (["--steps", "5", "--micro-batches", "3"], "stochastic"),
     "lightning_trainer.py": (["--steps", "6"], "resume: identical\n"),
     "huggingface_trainer.py": (["--steps", "4"], "resume: identical\n"),
+    "drop_in.py": (["--steps", "4"], "against golden_pendulum over 4 steps: weights within"),
+    "task_groups.py": (["--steps", "6"], "after add_task('calibration', 'meta')"),
+    "curriculum.py": (["--steps", "3"], "resumed mid-phase: identical"),
+    "diagnostics.py": (["--steps", "20"], "=== Golden Pendulum Diagnostics (last 10 steps) ==="),
+    "presets.py": ([], "robotics_control    joint        50000"),
 }
 
 

@@ -10,12 +10,16 @@ from ._accumulation import backward_task
 from ._adaptive_golden_pendulum import AdaptiveGoldenPendulum, AdaptiveGoldenPendulumWeighting
 from ._amp import with_grad_scaler
 from ._config import aggregator_from_config, available_names, weighting_from_config
+from ._curriculum import Curriculum, Phase
+from ._diagnostics import ConflictMonitor, ConflictReport
 from ._distributed import sharded_jac_to_grad, sync_jacobians
+from ._dynamic_k import DynamicK, DynamicKWeighting, TaskGroup
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
 from ._gcond import GCond, GCondWeighting
 from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
 from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
+from ._presets import Preset, get_preset, list_presets
 
 __version__ = "0.1.0"
 
@@ -24,6 +28,11 @@ __all__ = [
     "PHI",
     "AdaptiveGoldenPendulum",
     "AdaptiveGoldenPendulumWeighting",
+    "ConflictMonitor",
+    "ConflictReport",
+    "Curriculum",
+    "DynamicK",
+    "DynamicKWeighting",
     "ExcessMTL",
     "ExcessMTLWeighting",
     "GABAWeighting",
@@ -32,12 +41,17 @@ __all__ = [
     "GoldenPendulum",
     "GoldenPendulumWeighting",
     "GramianDiagnostics",
+    "Phase",
+    "Preset",
+    "TaskGroup",
     "WeightLogger",
     "aggregator_from_config",
     "available_names",
     "backward_task",
+    "get_preset",
     "golden_ratio_weights",
     "gramian_diagnostics",
+    "list_presets",
     "sharded_jac_to_grad",
     "sync_jacobians",
     "weighting_from_config",

@@ -19,6 +19,8 @@ import torch
 import torchjd.aggregation as torchjd_aggregation
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
 
+from ._presets import expand_preset
+
 ENTRY_POINT_GROUP = "torchjd_golden"
 """The entry-point group under which aggregators and weightings are registered (ours included)."""
 
@@ -85,7 +87,7 @@ def available_names(kind: Kind = "aggregator") -> list[str]:
 
 
 def _build(kind: Kind, spec: object) -> Any:
-    name, keywords = _parse(kind, _read(spec))
+    name, keywords = _parse(kind, expand_preset(_read(spec)))
     entry = _lookup(kind, name)
     return entry.factory(**_prepare_keywords(entry, keywords))
 

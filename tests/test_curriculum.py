@@ -1,0 +1,290 @@
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from typing import Any
+
+import pytest
+import torch
+from golden_pendulum import golden_nash_backward
+from torch import Tensor, nn
+from torch.testing import assert_close
+from torchjd.autojac import jac_to_grad, mtl_backward
+
+from torchjd_golden import (
+    AdaptiveGoldenPendulum,
+    Curriculum,
+    DynamicK,
+    GoldenPendulum,
+    Phase,
+    TaskGroup,
+    get_preset,
+)
+
+from ._asserts import relative_error
+
+TASKS = ("a", "b", "c", "d")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({name: nn.Linear(8, 1) for name in TASKS})
+        self.double()  # float32 QPs may differ in the sign of alpha - target, where it is ~0
+
+    def losses(self, inputs: Tensor, features: Tensor | None = None) -> dict[str, Tensor]:
+        features = self.backbone(inputs) if features is None else features
+        scales = dict(zip(TASKS, (100.0, 1.0, 0.3, 5.0), strict=True))
+        return {
+            name: scales[name] * (head(features)[:, 0] - inputs[:, k]).pow(2).mean()
+            for k, (name, head) in enumerate(self.heads.items())
+        }
+
+
+def phases(events: list[str] | None = None) -> list[Phase]:
+    log = [] if events is None else events
+
+    def enter(model: Any, phase: Phase) -> None:
+        log.append(f"enter {phase.name} {model is not None}")
+
+    def leave(model: Any, phase: Phase) -> None:
+        log.append(f"exit {phase.name}")
+
+    return [
+        Phase("joint", {"a", "b", "c"}, steps=3, lam=0.6, lr=0.02, warmup_steps=2,
+              on_enter=enter, on_exit=leave),
+        Phase("heads", ["c", "d"], steps=4, freeze_backbone=True, lam=0.2, lr=0.1, pcgrad=False,
+              warmup_steps=4, on_enter=enter, on_exit=leave),
+    ]  # fmt: skip
+
+
+def batches(count: int) -> list[Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 5, generator=generator, dtype=torch.float64) for _ in range(count)]
+
+
+def test_phase_learning_rate_and_validation() -> None:
+    phase = Phase("p", {"a"}, steps=10, lr=0.3, warmup_steps=3)
+    assert [phase.learning_rate(s) for s in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
+    for kwargs, match in [
+        ({"steps": 0}, "steps"),
+        ({"steps": 2, "lam": -1.0}, "lam"),
+        ({"steps": 2, "warmup_steps": -1}, "warmup_steps"),
+        ({"steps": 2, "freeze_backbone": 1}, "freeze_backbone"),
+        ({"steps": 2, "on_enter": "no"}, "on_enter"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Phase("p", {"a"}, **kwargs)
+    with pytest.raises(ValueError, match="tasks"):
+        Phase("p", "abc", steps=1)
+
+
+def test_a_run_sets_lr_freezing_lambda_tasks_and_calls_back() -> None:
+    model, events = Net(), []
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    aggregator = DynamicK([TaskGroup("g", ["a", "b"])])
+    curriculum = Curriculum(
+        phases(events), aggregator, model=model, backbone=model.backbone, optimizer=optimizer
+    )
+    seen = []
+    for inputs in batches(curriculum.total_steps):
+        weights = curriculum.backward(model.losses(inputs))
+        seen.append(
+            (
+                curriculum.current_phase_name,
+                round(optimizer.param_groups[0]["lr"], 12),
+                model.backbone[0].weight.requires_grad,
+                aggregator.lam,
+                aggregator.pcgrad,
+                aggregator.tasks,
+                tuple(weights),
+            )
+        )
+        optimizer.step()
+        optimizer.zero_grad()
+        curriculum.step()
+    assert seen == [
+        ("joint", 0.01, True, 0.6, True, ("a", "b", "c"), ("a", "b", "c")),
+        ("joint", 0.02, True, 0.6, True, ("a", "b", "c"), ("a", "b", "c")),
+        ("joint", 0.02, True, 0.6, True, ("a", "b", "c"), ("a", "b", "c")),
+        ("heads", 0.025, False, 0.2, False, ("c", "d"), ("c", "d")),
+        ("heads", 0.05, False, 0.2, False, ("c", "d"), ("c", "d")),
+        ("heads", 0.075, False, 0.2, False, ("c", "d"), ("c", "d")),
+        ("heads", 0.1, False, 0.2, False, ("c", "d"), ("c", "d")),
+    ]
+    assert events == ["enter joint True", "exit joint", "enter heads True", "exit heads"]
+    assert curriculum.is_complete
+    assert curriculum.global_step == 7
+    with pytest.raises(RuntimeError, match="complete"):
+        curriculum.backward(model.losses(batches(1)[0]))
+
+
+def test_gradients_are_torchjd_with_the_phase_settings() -> None:
+    """backward: the phase's losses through backward and jac_to_grad; golden_nash_backward's."""
+
+    model = Net()
+    reference_model = copy.deepcopy(model)
+    curriculum = Curriculum(phases(), model=model, backbone=model.backbone)
+    for step, inputs in enumerate(batches(5)):
+        phase = curriculum.current_phase
+        curriculum.backward(model.losses(inputs))
+        all_losses = reference_model.losses(inputs)
+        losses = {name: loss for name, loss in all_losses.items() if name in phase.tasks}
+        if step == 3:  # entering phase "heads" froze the backbone: mirror it
+            reference_model.backbone.requires_grad_(False)
+        golden_nash_backward(losses, reference_model, lam=phase.lam, pcgrad=phase.pcgrad)
+        for mine, theirs in zip(model.parameters(), reference_model.parameters(), strict=True):
+            assert (mine.grad is None) == (theirs.grad is None)
+            if mine.grad is not None:
+                assert relative_error(mine.grad, theirs.grad) < 1e-10
+        model.zero_grad()
+        reference_model.zero_grad()
+        curriculum.step()
+
+
+def test_with_features_it_is_mtl_backward() -> None:
+    model = Net()
+    twin = copy.deepcopy(model)
+    curriculum = Curriculum(phases(), model=model, backbone=model.backbone)
+    for inputs in batches(5):
+        phase = curriculum.current_phase
+        features = model.backbone(inputs)
+        curriculum.backward(model.losses(inputs, features), features=features)
+
+        twin_features = twin.backbone(inputs)
+        losses = [
+            loss for name, loss in twin.losses(inputs, twin_features).items() if name in phase.tasks
+        ]
+        if phase.freeze_backbone:  # nothing shared: each head its own gradient
+            twin.backbone.requires_grad_(False)
+            torch.autograd.backward(torch.stack(losses).sum())
+        else:
+            mtl_backward(losses, features=twin_features)
+            jac_to_grad(list(twin.backbone.parameters()), GoldenPendulum(lam=phase.lam))
+        for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+            if theirs.grad is None:
+                assert mine.grad is None
+            else:
+                assert_close(mine.grad, theirs.grad)
+        model.zero_grad()
+        twin.zero_grad()
+        curriculum.step()
+
+
+def test_missing_tasks_give_no_gradient(caplog: pytest.LogCaptureFixture) -> None:
+    model = Net()
+    curriculum = Curriculum(phases(), model=model)
+    losses = model.losses(batches(1)[0])
+    with caplog.at_level(logging.WARNING):
+        assert curriculum.backward({"d": losses["d"]}) == {}
+    assert "no gradient" in caplog.text
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_resumed_from_a_checkpoint_continues_identically() -> None:
+    """Position, freezing, learning rate and the aggregator's state (groups found by gradient
+    similarity, named) come back, mid-phase."""
+
+    def run(stop: int | None) -> list[Any]:
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        make = lambda: Curriculum(  # noqa: E731
+            phases(),
+            DynamicK(auto_group=True, regroup_every=2, similarity_threshold=0.0),
+            model=model,
+            backbone=model.backbone,
+            optimizer=optimizer,
+        )
+        curriculum = make()
+        records: list[Any] = []
+        for step, inputs in enumerate(batches(7)):
+            if step == stop:
+                buffer = io.BytesIO()
+                torch.save(
+                    {"curriculum": curriculum.state_dict(), "optimizer": optimizer.state_dict()},
+                    buffer,
+                )
+                buffer.seek(0)
+                saved = torch.load(buffer, weights_only=True)
+                model.backbone.requires_grad_(True)  # a new process: nothing is frozen yet
+                curriculum = make()
+                curriculum.load_state_dict(saved["curriculum"])
+                optimizer.load_state_dict(saved["optimizer"])
+            weights = curriculum.backward(model.losses(inputs))
+            records.append(
+                (
+                    optimizer.param_groups[0]["lr"],
+                    [p.requires_grad for p in model.parameters()],
+                    {k: float(w) for k, w in weights.items()},
+                    [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+                    curriculum.aggregator.groups,
+                )
+            )
+            optimizer.step()
+            optimizer.zero_grad()
+            curriculum.step()
+        return records
+
+    uninterrupted = run(None)
+    for stop in (2, 5):
+        resumed = run(stop)
+        for (lr, flags, weights, grads, groups), expected in zip(
+            resumed, uninterrupted, strict=True
+        ):
+            assert (lr, flags, weights, groups) == (*expected[:3], expected[4])
+            for grad, other in zip(grads, expected[3], strict=True):
+                assert (grad is None and other is None) or torch.equal(grad, other)
+
+
+def test_from_preset_and_the_aggregator_default() -> None:
+    curriculum = Curriculum.from_preset("finance_quick")
+    assert [p.name for p in curriculum.phases] == ["A_combined", "B_meta"]
+    assert curriculum.phases == get_preset("finance_quick").phases
+    assert isinstance(curriculum.aggregator, GoldenPendulum)
+    assert curriculum.total_steps == 13000
+    assert curriculum.current_lr == pytest.approx(5e-5 / 300)
+    assert (
+        repr(curriculum)
+        == "Curriculum(phases=['A_combined', 'B_meta'], aggregator=GoldenPendulum(lam=0.5, "
+        "n_iter=25, min_weight_fraction=0.02, pcgrad=True))"
+    )
+
+
+def test_backbone_as_parameters_or_function() -> None:
+    model = Net()
+    for backbone in (list(model.backbone.parameters()), lambda m: m.backbone.parameters()):
+        curriculum = Curriculum(phases()[1:], model=model, backbone=backbone)
+        curriculum.enter_phase()
+        assert not model.backbone[0].weight.requires_grad
+        model.backbone.requires_grad_(True)
+
+
+def test_bad_input_is_named() -> None:
+    with pytest.raises(ValueError, match="phases"):
+        Curriculum([])
+    with pytest.raises(ValueError, match="Phase"):
+        Curriculum(["joint"])  # type: ignore[list-item]
+    curriculum = Curriculum(phases())
+    with pytest.raises(ValueError, match="model"):
+        curriculum.backward({"a": torch.tensor(1.0, requires_grad=True)})
+
+
+@pytest.mark.skipif(
+    not hasattr(AdaptiveGoldenPendulum, "tasks"), reason="tasks by name: enabled when core lands it"
+)
+def test_a_stateful_aggregator_keeps_its_state_across_phases() -> None:
+    """With task names, lambda carries over from a phase of 3 tasks to one of 2: no reset."""
+
+    model = Net()
+    aggregator = AdaptiveGoldenPendulum(sensitivity=5.0)
+    curriculum = Curriculum(phases(), aggregator, model=model, backbone=model.backbone)
+    lams = []
+    for inputs in batches(5):
+        curriculum.backward(model.losses(inputs))
+        lams.append(float(aggregator.current_lam))
+        curriculum.step()
+    assert lams[3] != aggregator.lam_init  # not restarted on entering phase "heads"
+    assert int(aggregator.gramian_weighting.step_count) == 5

@@ -1,0 +1,375 @@
+from __future__ import annotations
+
+import io
+from importlib.metadata import entry_points
+from typing import Any
+
+import pytest
+import torch
+from golden_pendulum.pro import DynamicK as ReferenceDynamicK
+from golden_pendulum.pro import TaskGroup as ReferenceTaskGroup
+from torch import Tensor, nn
+from torch.testing import assert_close
+from torchjd.autogram import Engine
+from torchjd.autojac import backward, jac_to_grad
+
+from torchjd_golden import (
+    DynamicK,
+    DynamicKWeighting,
+    GoldenPendulum,
+    GoldenPendulumWeighting,
+    TaskGroup,
+    aggregator_from_config,
+    golden_ratio_weights,
+)
+
+from ._asserts import relative_error
+from ._inputs import conflicting_jacobian
+
+NAMES = ("returns", "rank", "quality", "vol", "mae", "regime")
+GROUPS = [TaskGroup("ranking", ["returns", "rank", "quality"]), TaskGroup("risk", ["vol"], lam=0.2)]
+
+
+def named(aggregator: Any, names: tuple[str, ...] = NAMES) -> Any:
+    aggregator.tasks = names
+    return aggregator
+
+
+def reference_gradient(jacobian: Tensor, names: tuple[str, ...], **settings: Any) -> Tensor:
+    """What ``golden_pendulum.pro.DynamicK.backward`` writes for these rows."""
+
+    parameter = nn.Parameter(torch.zeros(jacobian.shape[1], dtype=jacobian.dtype))
+    model = nn.Module()
+    model.parameter = parameter
+    ReferenceDynamicK(**settings).backward(
+        {name: row @ parameter for name, row in zip(names, jacobian, strict=True)}, model
+    )
+    assert parameter.grad is not None
+    return parameter.grad
+
+
+@pytest.mark.parametrize("m", [2, 3, 6, 9])
+def test_without_groups_it_is_golden_pendulum(m: int) -> None:
+    """One catch-all group of every task in row order: exactly Golden Pendulum."""
+
+    jacobian = conflicting_jacobian(m, 30, seed=m)
+    assert torch.equal(DynamicK()(jacobian), GoldenPendulum()(jacobian))
+    gramian = jacobian @ jacobian.T
+    assert torch.equal(
+        DynamicKWeighting(pcgrad=False)(gramian), GoldenPendulumWeighting(pcgrad=False)(gramian)
+    )
+
+
+def test_weights_within_groups_by_hand() -> None:
+    """w_k = beta_p w^(p)_k with Golden Pendulum on the group's block, beta_p / ||J_k|| alone."""
+
+    jacobian = conflicting_jacobian(6, 40, seed=1)
+    gramian = jacobian @ jacobian.T
+    weighting = named(DynamicKWeighting(GROUPS, lam=0.7))
+    weights = weighting(gramian)
+
+    beta = golden_ratio_weights(3, dtype=torch.float64)
+    ranking = [0, 1, 2]
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[ranking] = beta[0] * GoldenPendulumWeighting(lam=0.7)(gramian[ranking][:, ranking])
+    expected[3] = beta[1] / jacobian[3].norm()
+    rest = [4, 5]  # the catch-all group, sorted by name: "mae" < "regime"
+    expected[rest] = beta[2] * GoldenPendulumWeighting(lam=0.7)(gramian[rest][:, rest])
+    assert_close(weights, expected, rtol=1e-12, atol=0.0)
+    assert [g.name for g in weighting.active_groups] == ["ranking", "risk", "_ungrouped"]
+    assert weighting.active_groups[2].tasks == ("mae", "regime")
+    assert_close(weighting.alpha.sum(), torch.tensor(1.0, dtype=torch.float64))
+    assert weighting.group_weights == dict(
+        zip(["ranking", "risk", "_ungrouped"], beta.tolist(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {
+            "groups": [
+                ReferenceTaskGroup("a", {"rank", "vol"}),
+                ReferenceTaskGroup("b", {"mae"}, lam=2.0),
+            ]
+        },
+        {
+            "groups": [ReferenceTaskGroup("a", {"returns", "quality", "vol"}, lam=0.1)],
+            "pcgrad": False,
+        },
+        {"auto_group": True, "similarity_threshold": 0.0, "lam": 0.3},
+        {"auto_group": True, "similarity_threshold": -0.2, "n_iter": 5},
+    ],
+    ids=["no-groups", "two-groups", "no-pcgrad", "auto", "auto-loose"],
+)
+def test_pcgrad_across_groups_is_the_reference(settings: dict[str, Any]) -> None:
+    jacobian = conflicting_jacobian(6, 40, seed=11, decades=2.5)
+    native = dict(settings)
+    native["groups"] = [TaskGroup(g.name, g.tasks, g.lam) for g in settings.get("groups", [])]
+    aggregator = named(DynamicK(**native, pcgrad_across_groups=True))
+    expected = reference_gradient(jacobian, NAMES, **settings)
+    assert relative_error(aggregator(jacobian), expected) < 1e-12
+
+
+def test_the_aggregator_computes_only_the_blocks_it_reads() -> None:
+    jacobian = conflicting_jacobian(6, 40, seed=2)
+    aggregator = named(DynamicK(GROUPS))
+    seen = []
+    aggregator.gramian_weighting.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    output = aggregator(jacobian)
+
+    (gramian,) = seen
+    full = jacobian @ jacobian.T
+    blocks = torch.zeros(6, 6, dtype=torch.bool)
+    for rows in ([0, 1, 2], [3], [4, 5]):
+        blocks[torch.tensor(rows).unsqueeze(1), torch.tensor(rows)] = True
+    assert torch.equal(gramian[~blocks], torch.zeros(int((~blocks).sum()), dtype=torch.float64))
+    assert_close(gramian[blocks], full[blocks])
+    # The weighting reads nothing else: the full Gramian gives the same weights.
+    assert_close(output, named(DynamicKWeighting(GROUPS))(full) @ jacobian)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [[0, 1], [2, 3], [4, 5], [6], [7, 8, 9]],  # a run of equal consecutive blocks first
+        [[0], [1], [2], [3, 4, 5], [6, 7, 8], [9]],
+        [[1, 3], [0, 2], [4, 5, 6, 7, 8, 9]],  # rows out of order
+        [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]],
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_the_blocks_equal_those_of_the_gramian(layout: list[list[int]], dtype: torch.dtype) -> None:
+    jacobian = conflicting_jacobian(10, 50, seed=7, decades=1.0).to(dtype)
+    groups = [TaskGroup(f"g{k}", rows) for k, rows in enumerate(layout)]
+    seen = []
+    aggregator = DynamicK(groups)
+    aggregator.gramian_weighting.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0]))
+    aggregator(jacobian)
+    full = jacobian.double() @ jacobian.double().T
+    mask = torch.zeros(10, 10, dtype=torch.bool)
+    for rows in layout:
+        mask[torch.tensor(rows).unsqueeze(1), torch.tensor(rows)] = True
+    (gramian,) = seen
+    assert gramian.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    assert_close(gramian.double(), torch.where(mask, full, 0.0), rtol=1e-6, atol=1e-6)
+
+
+def test_regrouping_calls_and_reference_mode_read_the_full_gramian() -> None:
+    jacobian = conflicting_jacobian(4, 20, seed=3)
+    automatic = DynamicKWeighting(auto_group=True, regroup_every=2)
+    assert automatic.gramian_blocks(4) is None  # the first call regroups
+    automatic(jacobian @ jacobian.T)
+    assert automatic.gramian_blocks(4) is not None
+    automatic(jacobian @ jacobian.T)
+    assert automatic.gramian_blocks(4) is None
+    assert DynamicKWeighting(GROUPS, pcgrad_across_groups=True).gramian_blocks(6) is None
+
+
+def test_order_free_by_names() -> None:
+    """Permuting the rows and their names permutes nothing in the aggregation."""
+
+    jacobian = conflicting_jacobian(6, 30, seed=4)
+    expected = named(DynamicK(GROUPS))(jacobian)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        permutation = torch.randperm(6, generator=generator).tolist()
+        names = tuple(NAMES[k] for k in permutation)
+        assert_close(named(DynamicK(GROUPS), names)(jacobian[permutation]), expected)
+
+
+def test_a_task_in_two_groups_adds_its_weights() -> None:
+    jacobian = conflicting_jacobian(3, 20, seed=5)
+    gramian = jacobian @ jacobian.T
+    groups = [TaskGroup("x", [0, 1]), TaskGroup("y", [1, 2])]
+    weighting = DynamicKWeighting(groups)
+    weights = weighting(gramian)
+    beta = golden_ratio_weights(2, dtype=torch.float64)
+    x = GoldenPendulumWeighting()(gramian[:2, :2])
+    y = GoldenPendulumWeighting()(gramian[1:, 1:])
+    assert_close(
+        weights, torch.stack([beta[0] * x[0], beta[0] * x[1] + beta[1] * y[0], beta[1] * y[1]])
+    )
+    assert_close(weighting.alpha.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_add_and_remove_tasks() -> None:
+    weighting = DynamicKWeighting(GROUPS)
+    weighting.add_task("regime", "risk")
+    weighting.add_task("embedding", "meta")
+    weighting.remove_task("rank")
+    assert [(g.name, g.tasks, g.lam) for g in weighting.groups] == [
+        ("ranking", ("returns", "quality"), None),
+        ("risk", ("vol", "regime"), 0.2),
+        ("meta", ("embedding",), None),
+    ]
+    jacobian = conflicting_jacobian(6, 30, seed=6)
+    named(weighting)(jacobian @ jacobian.T)
+    assert [(g.name, g.tasks) for g in weighting.active_groups] == [
+        ("ranking", ("returns", "quality")),
+        ("risk", ("vol", "regime")),
+        ("_ungrouped", ("mae", "rank")),
+    ]
+    weighting.reset()
+    assert weighting.groups == tuple(GROUPS)
+
+
+def test_automatic_groups_follow_the_cosines() -> None:
+    """Rows along two opposite directions form two groups, found again every regroup_every calls."""
+
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(30, generator=generator, dtype=torch.float64)
+    noise = 0.1 * torch.randn(5, 30, generator=generator, dtype=torch.float64)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0], dtype=torch.float64).unsqueeze(1)
+    jacobian = signs * direction + noise
+    weighting = named(DynamicKWeighting(auto_group=True, regroup_every=3), tuple("edcba"))
+    weighting(jacobian @ jacobian.T)
+    assert [(g.name, g.tasks) for g in weighting.groups] == [
+        ("auto_group_0", ("a", "c", "e")),
+        ("auto_group_1", ("b", "d")),
+    ]
+    weighting.tasks = tuple("vwxyz")
+    weighting(jacobian @ jacobian.T)  # no regrouping: every task is in the catch-all group
+    assert [g.name for g in weighting.active_groups] == ["_ungrouped"]
+    weighting(jacobian @ jacobian.T)
+    weighting(jacobian @ jacobian.T)  # the fourth call regroups
+    assert weighting.groups[0].tasks == ("v", "x", "z")
+
+
+def test_non_finite_gramian_gives_nan_and_does_not_regroup() -> None:
+    weighting = DynamicKWeighting(GROUPS, auto_group=True)
+    gramian = torch.eye(6, dtype=torch.float64)
+    gramian[2, 2] = torch.inf
+    assert named(weighting)(gramian).isnan().all()
+    assert weighting.groups == tuple(GROUPS)
+
+
+def test_checkpoint_carries_groups_names_and_calls() -> None:
+    jacobians = [conflicting_jacobian(6, 30, seed=s) for s in range(6)]
+    settings = {"auto_group": True, "regroup_every": 4, "similarity_threshold": 0.0}
+    uninterrupted = named(DynamicK(**settings))
+    expected = [uninterrupted(j) for j in jacobians]
+
+    first = named(DynamicK(**settings))
+    for jacobian in jacobians[:3]:
+        first(jacobian)
+    first.add_task("new", "auto_group_0")
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = DynamicK(**settings)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.tasks == NAMES
+    assert resumed.groups == first.groups
+    assert resumed.gramian_weighting.step_count == 3
+    resumed.remove_task("new")
+    for jacobian, output in zip(jacobians[3:], expected[3:], strict=True):
+        assert torch.equal(resumed(jacobian), output)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_jac_to_grad_and_the_autogram_engine(optimize: bool) -> None:
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    inputs, targets = torch.randn(16, 5), torch.randn(16, 4)
+    names = ("a", "b", "c", "d")
+    groups = [TaskGroup("g", ["a", "c"]), TaskGroup("h", ["d"])]
+
+    autojac = make()
+    losses = ((autojac(inputs) - targets) ** 2).mean(dim=0)
+    backward(losses)
+    jac_to_grad(
+        list(autojac.parameters()),
+        named(DynamicK(groups), names),
+        optimize_gramian_computation=optimize,
+    )
+
+    engine_model = make()
+    engine = Engine(engine_model, batch_dim=None)
+    losses = ((engine_model(inputs) - targets) ** 2).mean(dim=0)
+    weighting = named(DynamicKWeighting(groups), names)
+    losses.backward(weighting(engine.compute_gramian(losses)))
+
+    for mine, expected in zip(engine_model.parameters(), autojac.parameters(), strict=True):
+        assert_close(mine.grad, expected.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_before_any_call_nothing_is_active() -> None:
+    aggregator = DynamicK(GROUPS)
+    assert (aggregator.active_groups, aggregator.group_weights, aggregator.alpha) == ((), {}, None)
+
+
+def test_one_task_gives_the_raw_gradient() -> None:
+    jacobian = 1e3 * torch.randn(1, 10)
+    assert torch.equal(DynamicK(GROUPS)(jacobian), jacobian[0])
+
+
+def test_from_a_config() -> None:
+    aggregator = aggregator_from_config(
+        {
+            "name": "dynamic_k",
+            "groups": [{"name": "g", "tasks": ["a", "b"], "lam": 0.1}],
+            "lam": 0.4,
+        }
+    )
+    assert isinstance(aggregator, DynamicK)
+    assert aggregator.groups == (TaskGroup("g", ["a", "b"], lam=0.1),)
+    assert repr(aggregator).startswith(
+        "DynamicK(groups=[TaskGroup(name='g', tasks=('a', 'b'), lam=0.1)]"
+    )
+    assert str(aggregator) == "DynamicK"
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: TaskGroup("", ["a"]), "name"),
+        (lambda: TaskGroup("g", ["a", "a"]), "distinct"),
+        (lambda: TaskGroup("g", [["unhashable"]]), "hashable"),
+        (lambda: TaskGroup("g", ["a"], lam=-1.0), "lam"),
+        (lambda: DynamicK([TaskGroup("g"), TaskGroup("g")]), "distinct"),
+        (lambda: DynamicK(TaskGroup("g")), "sequence of task groups"),
+        (lambda: DynamicK(["g"]), "TaskGroup or a mapping"),
+        (lambda: DynamicK(regroup_every=0), "regroup_every"),
+        (lambda: DynamicK(similarity_threshold=2.0), "similarity_threshold"),
+        (lambda: DynamicK(pcgrad_across_groups=1), "pcgrad_across_groups"),
+        (lambda: setattr(DynamicK(), "tasks", "abc"), "tasks"),
+        (lambda: setattr(DynamicK(), "tasks", ["a", "a"]), "distinct"),
+    ],
+)
+def test_bad_input_is_named(make: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_task_names_must_match_the_rows() -> None:
+    aggregator = named(DynamicK(), ("a", "b"))
+    with pytest.raises(ValueError, match="2 task names"):
+        aggregator(torch.randn(3, 4))
+
+
+def test_set_of_unsortable_names_is_ordered_by_repr() -> None:
+    assert TaskGroup("g", {"b", 1, "a"}).tasks == ("a", "b", 1)  # "'" < "1"
+    assert TaskGroup("g", {"b", "a"}).tasks == ("a", "b")
+    assert TaskGroup("g", ["b", "a"]).tasks == ("b", "a")
+
+
+def test_registered_as_entry_points() -> None:
+    points = {point.name: point for point in entry_points(group="torchjd_golden")}
+    assert points["DynamicK"].load() is DynamicK
+    assert points["DynamicKWeighting"].load() is DynamicKWeighting
+
+
+def test_compiled_matches_eager() -> None:
+    """Without regrouping a call traces with fullgraph=True: no host synchronisation."""
+
+    eager, traced = named(DynamicKWeighting(GROUPS)), named(DynamicKWeighting(GROUPS))
+    torch._dynamo.reset()
+    compiled = torch.compile(traced, backend="eager", fullgraph=True)
+    for seed in range(3):
+        jacobian = conflicting_jacobian(6, 20, seed=seed)
+        assert_close(compiled(jacobian @ jacobian.T), eager(jacobian @ jacobian.T))
+    assert traced.step_count == eager.step_count == 3

@@ -1,0 +1,153 @@
+"""``golden_pendulum.pro.AdaptiveLambda`` on :class:`torchjd_golden.AdaptiveGoldenPendulum`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..._golden_pendulum import AdaptiveGoldenPendulum, golden_ratio_weights
+from ..._monitoring import gramian_diagnostics
+from .._backward import balanced_backward, single_task_backward, weights_by_name
+
+_FORWARDED = (
+    "lam_min",
+    "lam_max",
+    "ema_decay",
+    "conflict_target",
+    "sensitivity",
+    "loss_ratio_aware",
+    "n_iter",
+    "min_weight_fraction",
+    "pcgrad",
+)
+
+
+class AdaptiveLambda:
+    """
+    Golden Pendulum whose :math:`\\lambda` adapts to the conflicts between tasks and to the
+    spread of their losses, as ``golden_pendulum.pro.AdaptiveLambda``. See
+    :class:`torchjd_golden.AdaptiveGoldenPendulumWeighting` for the update.
+
+    As the reference, :meth:`reset` keeps the current :math:`\\lambda` (the native class's
+    ``reset`` restores ``lam_init``), and the history records each call's own conflict and loss
+    ratios.
+    """
+
+    def __init__(
+        self,
+        lam_init: float = 0.5,
+        lam_min: float = 0.05,
+        lam_max: float = 2.0,
+        ema_decay: float = 0.95,
+        conflict_target: float = 0.3,
+        sensitivity: float = 1.0,
+        loss_ratio_aware: bool = True,
+        n_iter: int = 25,
+        min_weight_fraction: float = 0.02,
+        pcgrad: bool = True,
+    ) -> None:
+        self.aggregator = AdaptiveGoldenPendulum(
+            lam_init,
+            lam_min,
+            lam_max,
+            ema_decay,
+            conflict_target,
+            sensitivity,
+            loss_ratio_aware,
+            n_iter,
+            min_weight_fraction,
+            pcgrad,
+        )
+        self._step = 0
+        self._history: list[dict[str, Any]] = []
+        self._conflict_ratio = 0.0
+        self.aggregator.gramian_weighting.register_forward_pre_hook(self._measure_conflicts)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _FORWARDED:
+            return getattr(self.aggregator, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FORWARDED:
+            setattr(self.aggregator, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _measure_conflicts(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        # The history's conflict ratio is the call's own, which the weighting only averages.
+        self._conflict_ratio = float(gramian_diagnostics(inputs[0]).conflict_ratio)
+
+    @property
+    def current_lam(self) -> float:
+        """The current :math:`\\lambda`."""
+        return float(self.aggregator.current_lam)
+
+    @property
+    def conflict_ratio(self) -> float:
+        """The moving average of the fraction of conflicting task pairs."""
+        return float(self.aggregator.conflict_ratio)
+
+    @property
+    def loss_ratio(self) -> float:
+        """The moving average of the largest over the smallest loss."""
+        return float(self.aggregator.loss_ratio)
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        model: nn.Module,
+        shared_params: Iterable[Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Golden Pendulum with the adapted :math:`\\lambda`; returns the weights by name."""
+
+        if len(losses) <= 1:
+            return single_task_backward(losses)
+        values = [float(loss.detach()) for loss in losses.values()]
+        loss_ratio = max(values) / max(min(values), 1e-10)
+        if hasattr(type(self.aggregator), "tasks"):
+            setattr(self.aggregator, "tasks", list(losses))  # noqa: B010 - core's names contract
+        self._keep_state_for(len(losses))
+        self.aggregator.losses = torch.tensor(values, dtype=torch.float64)
+        balanced_backward(losses, model, shared_params, self.aggregator)
+        weights = weights_by_name(losses, self.aggregator.alpha)
+        self._history.append(
+            {
+                "step": self._step,
+                "lam": round(self.current_lam, 6),
+                "conflict_ratio": round(self._conflict_ratio, 4),
+                "loss_ratio": round(loss_ratio, 2),
+                "weights": weights,
+            }
+        )
+        self._step += 1
+        return weights
+
+    def _keep_state_for(self, n_tasks: int) -> None:
+        """
+        Resizes the weighting's per-task buffer for ``n_tasks`` tasks, keeping the rest of its
+        state: the reference keeps :math:`\\lambda` and its averages when the task count changes.
+        """
+
+        weighting = self.aggregator.gramian_weighting
+        if hasattr(type(weighting), "tasks") or weighting.alpha.numel() in (0, n_tasks):
+            return
+        state = weighting.state_dict()
+        state["alpha"] = golden_ratio_weights(n_tasks, dtype=state["alpha"].dtype)
+        weighting.load_state_dict(state)
+
+    def get_history(self, last_n: int = 0) -> list[dict[str, Any]]:
+        """The history of the calls (the last ``last_n`` when positive)."""
+
+        return self._history[-last_n:] if last_n > 0 else list(self._history)
+
+    def reset(self) -> None:
+        """Restarts the averages, the step count and the history, keeping :math:`\\lambda`."""
+
+        self.aggregator.lam_init = self.current_lam
+        self.aggregator.reset()
+        self._step = 0
+        self._history.clear()
