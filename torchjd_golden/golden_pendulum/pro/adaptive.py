@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._golden_pendulum import AdaptiveGoldenPendulum, golden_ratio_weights
+from ..._adaptive_golden_pendulum import AdaptiveGoldenPendulum
+from ..._golden_pendulum import golden_ratio_weights
 from ..._monitoring import gramian_diagnostics
 from .._backward import balanced_backward, single_task_backward, weights_by_name
 
