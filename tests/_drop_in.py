@@ -32,11 +32,18 @@ Script = Callable[[ModuleType, ModuleType, "Workload"], Iterator[Any]]
 
 
 class Net(nn.Module):
-    """A float64 backbone with one linear head per named task."""
+    """
+    A float64 backbone, a neck and one linear head per named task. The neck, shared by the heads
+    and not part of the backbone, keeps the tasks' gradients overlapping when the backbone is
+    frozen: with disjoint gradients the normalised Gramian is the identity, the golden targets
+    are a fixed point of the QP up to rounding, and the reference's weights then follow the sign
+    of rounding noise (its λ step), which no other implementation reproduces.
+    """
 
     def __init__(self, tasks: tuple[str, ...]) -> None:
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh())
+        self.neck = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
         self.heads = nn.ModuleDict({name: nn.Linear(8, 1) for name in tasks})
 
 
@@ -57,7 +64,7 @@ class Workload:
         """One batch's losses of ``tasks``, in that order: targets with conflicting directions."""
 
         inputs = torch.randn(32, 6, generator=self._generator, dtype=torch.float64)
-        features = self.model.backbone(inputs)
+        features = self.model.neck(self.model.backbone(inputs))
         return {
             name: SCALES.get(name, 1.0)
             * (self.model.heads[name](features)[:, 0] - torch.tanh(inputs @ self.directions[name]))

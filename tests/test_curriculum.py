@@ -272,9 +272,6 @@ def test_bad_input_is_named() -> None:
         curriculum.backward({"a": torch.tensor(1.0, requires_grad=True)})
 
 
-@pytest.mark.skipif(
-    not hasattr(AdaptiveGoldenPendulum, "tasks"), reason="tasks by name: enabled when core lands it"
-)
 def test_a_stateful_aggregator_keeps_its_state_across_phases() -> None:
     """With task names, lambda carries over from a phase of 3 tasks to one of 2: no reset."""
 

@@ -198,6 +198,12 @@ def test_the_aggregator_gets_the_task_names(tmp_path: Path) -> None:
     assert aggregator.seen == [TASKS] * 4
 
 
+def test_a_stateful_aggregator_keys_its_state_by_the_task_names(tmp_path: Path) -> None:
+    aggregator = aggregator_from_config("gaba")
+    _train(tmp_path, aggregator, steps=2, save_strategy="no")
+    assert aggregator.known_tasks == TASKS
+
+
 def test_the_weights_are_in_the_log_history_and_tensorboard(tmp_path: Path) -> None:
     aggregator = aggregator_from_config("golden_pendulum")
     weights: list[Tensor] = []

@@ -112,6 +112,8 @@ def plain_loop(
                     mtl_backward(list(vector.unbind()), features=features, retain_graph=True)
                 else:
                     backward(vector)
+            if hasattr(type(aggregator), "tasks"):  # as the integration names them
+                aggregator.tasks = list(losses)  # type: ignore[attr-defined]
             jac_to_grad([p for p in model.parameters() if hasattr(p, "jac")], resolving)
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -265,6 +267,12 @@ def test_the_aggregator_gets_the_task_names(features: bool) -> None:
     aggregator = NamedMean()
     trainer(1, accumulate_grad_batches=2).fit(Model(aggregator, features=features), data())
     assert aggregator.seen == [NAMES] * 4  # one per optimizer step
+
+
+def test_a_stateful_aggregator_keys_its_state_by_the_task_names() -> None:
+    module = Model("gaba")
+    trainer(1).fit(module, data())
+    assert module.aggregator.known_tasks == NAMES
 
 
 class VectorModel(Model):

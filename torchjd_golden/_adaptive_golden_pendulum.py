@@ -6,7 +6,7 @@ Reference: the package ``golden-pendulum-mtl`` 0.2.0 (``golden_pendulum.pro.adap
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import PSDMatrix
 
-from ._aggregator_bases import GramianAggregator, forwarded
+from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
 from ._golden_pendulum import (
     _MIN_NORM,
     GoldenPendulumParameters,
@@ -23,6 +23,7 @@ from ._golden_pendulum import (
 )
 from ._gramian import accumulation_dtype, all_finite, nan_unless, normalize_gramian
 from ._state import LazyState
+from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_bool, check_input, check_real
 
@@ -87,7 +88,7 @@ def _check_bounds(lam_min: float, lam_max: float) -> None:
 
 
 class AdaptiveGoldenPendulumWeighting(
-    GoldenPendulumParameters, GramianWeightingBase, LazyState, NonDifferentiable
+    GoldenPendulumParameters, GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable
 ):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
@@ -146,6 +147,11 @@ class AdaptiveGoldenPendulumWeighting(
     survives ``state_dict`` round trips; a non-finite Gramian or loss leaves it untouched and
     gives NaN weights; :meth:`reset` restores the initial state, :math:`\lambda` included (the
     reference's ``reset`` keeps :math:`\lambda`).
+
+    **Tasks by name.** Without names, a change of :math:`m` resets the state with a warning. With
+    :attr:`tasks` set, nothing is per task: :math:`\lambda`, :math:`c`, :math:`r` and the step
+    count are shared and continue when tasks come and go (the ratios are those of the call's
+    tasks), and :attr:`alpha` is the last call's solution, in its task order.
 
     :param lam_init: Initial :math:`\lambda`.
     :param lam_min: Lower bound of :math:`\lambda`.
@@ -301,7 +307,9 @@ class AdaptiveGoldenPendulumWeighting(
     @property
     def balance_ratio(self) -> Tensor | None:
         r""":math:`\min_k \alpha_k / \max_k \alpha_k` of the last step (``None`` before any)."""
-        return self.alpha.min() / self.alpha.max() if self._has_state else None
+        if not self._has_state:
+            return None
+        return self.alpha.min() / self.alpha.max()
 
     def _lambda_settings(self) -> AdaptiveLambdaSettings:
         return AdaptiveLambdaSettings(
@@ -367,6 +375,8 @@ class AdaptiveGoldenPendulumWeighting(
         weights, alpha = golden_pendulum_weights(
             working, lam, self.n_iter, self.min_weight_fraction, self.pcgrad
         )
+        if self.alpha.shape != alpha.shape:  # named tasks came or went: the last call's solution
+            self.alpha = nan_unless(finite, alpha).to(self.alpha.dtype)
         self._commit(
             finite,
             alpha=alpha,
@@ -426,22 +436,28 @@ class AdaptiveGoldenPendulum(GramianAggregator, Stateful, NonDifferentiable):
             )
         )
 
-    lam_init = forwarded("lam_init")
-    lam_min = forwarded("lam_min")
-    lam_max = forwarded("lam_max")
-    ema_decay = forwarded("ema_decay")
-    conflict_target = forwarded("conflict_target")
-    sensitivity = forwarded("sensitivity")
-    loss_ratio_aware = forwarded("loss_ratio_aware")
-    n_iter = forwarded("n_iter")
-    min_weight_fraction = forwarded("min_weight_fraction")
-    pcgrad = forwarded("pcgrad")
-    losses = forwarded("losses")
-    current_lam = forwarded("current_lam")
-    conflict_ratio = forwarded("conflict_ratio")
-    loss_ratio = forwarded("loss_ratio")
-    alpha = forwarded("alpha")
-    balance_ratio = forwarded("balance_ratio")
+    lam_init = Forwarded(AdaptiveGoldenPendulumWeighting.lam_init)
+    lam_min = Forwarded(AdaptiveGoldenPendulumWeighting.lam_min)
+    lam_max = Forwarded(AdaptiveGoldenPendulumWeighting.lam_max)
+    ema_decay = Forwarded(AdaptiveGoldenPendulumWeighting.ema_decay)
+    conflict_target = Forwarded(AdaptiveGoldenPendulumWeighting.conflict_target)
+    sensitivity = Forwarded(AdaptiveGoldenPendulumWeighting.sensitivity)
+    loss_ratio_aware = Forwarded(AdaptiveGoldenPendulumWeighting.loss_ratio_aware)
+    n_iter = Forwarded(AdaptiveGoldenPendulumWeighting.n_iter)
+    min_weight_fraction = Forwarded(AdaptiveGoldenPendulumWeighting.min_weight_fraction)
+    pcgrad = Forwarded(AdaptiveGoldenPendulumWeighting.pcgrad)
+    losses = ForwardedConverting[Tensor | None, Tensor | Sequence[Tensor | float] | None](
+        AdaptiveGoldenPendulumWeighting.losses
+    )
+    current_lam = Forwarded(AdaptiveGoldenPendulumWeighting.current_lam)
+    conflict_ratio = Forwarded(AdaptiveGoldenPendulumWeighting.conflict_ratio)
+    loss_ratio = Forwarded(AdaptiveGoldenPendulumWeighting.loss_ratio)
+    alpha = Forwarded[Tensor]("alpha", "The QP solution :math:`\\alpha` of the last call.")
+    balance_ratio = Forwarded(AdaptiveGoldenPendulumWeighting.balance_ratio)
+    tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
+        AdaptiveGoldenPendulumWeighting.tasks
+    )
+    known_tasks = Forwarded(AdaptiveGoldenPendulumWeighting.known_tasks)
 
     def reset(self) -> None:
         """Restores the initial state of the weighting, :math:`\\lambda` included."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from torch import Tensor
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
@@ -12,6 +12,9 @@ from torchjd.linalg import Matrix, PSDMatrix
 from ._gramian import combine_rows, compute_gramian
 from ._torchjd_compat import weighting_of_matrix
 from ._validation import check_input
+
+G = TypeVar("G")  # what a forwarded property returns
+S = TypeVar("S")  # what it can be set to
 
 
 class GramianAggregator(GramianWeightedAggregator):
@@ -53,16 +56,58 @@ def _checked_call(aggregator: Aggregator, matrix: Tensor) -> Tensor:
     return Aggregator.__call__(aggregator, matrix)
 
 
-def forwarded(name: str, doc: str | None = None) -> Any:
-    """A property of an aggregator that reads and writes the same property of its weighting."""
+class Forwarded(property, Generic[G]):
+    """
+    A property of an aggregator that reads (and, where the weighting's can be set, writes) the
+    same property of its weighting, with that property's type and docstring:
+    ``lam = Forwarded(GoldenPendulumWeighting.lam)``. A plain attribute of the weighting is
+    forwarded by name, with its type and a docstring: ``Forwarded[Tensor | None]("alpha", "...")``.
+    """
 
-    def getter(self: WeightedAggregator) -> Any:
-        return getattr(_inner_weighting(self), name)
+    def __init__(self, source: Callable[[Any], G] | str, doc: str | None = None) -> None:
+        if isinstance(source, str):
+            name, settable, returns = source, True, None
+        else:
+            weighting_property = cast(property, source)
+            assert weighting_property.fget is not None
+            name, settable = weighting_property.fget.__name__, weighting_property.fset is not None
+            returns = weighting_property.fget.__annotations__.get("return")
+            doc = doc or weighting_property.__doc__
 
-    def setter(self: WeightedAggregator, value: Any) -> None:
-        setattr(_inner_weighting(self), name, value)
+        def getter(aggregator: WeightedAggregator) -> Any:
+            return getattr(_inner_weighting(aggregator), name)
 
-    return property(getter, setter, doc=doc or f"See the weighting's ``{name}``.")
+        def setter(aggregator: WeightedAggregator, value: Any) -> None:
+            setattr(_inner_weighting(aggregator), name, value)
+
+        getter.__name__ = name
+        if returns is not None:  # the documentation shows the weighting's type
+            getter.__annotations__["return"] = returns
+        super().__init__(getter, setter if settable else None, None, doc)
+
+    if TYPE_CHECKING:
+
+        @overload
+        def __get__(self, instance: None, owner: type | None = None) -> Forwarded[G]: ...
+
+        @overload
+        def __get__(self, instance: object, owner: type | None = None) -> G: ...
+
+        def __get__(self, instance: object, owner: type | None = None) -> Any: ...
+
+        def __set__(self, instance: object, value: G) -> None: ...
+
+
+class ForwardedConverting(Forwarded[G], Generic[G, S]):
+    """
+    A :class:`Forwarded` property whose weighting's setter takes more than its getter returns (a
+    list for a tuple, any sequence of names): ``ForwardedConverting[tuple[float, float],
+    Sequence[float]](GCondWeighting.tie_breaking_weights)``.
+    """
+
+    if TYPE_CHECKING:
+
+        def __set__(self, instance: object, value: S) -> None: ...  # type: ignore[override]
 
 
 def _inner_weighting(aggregator: WeightedAggregator) -> Any:

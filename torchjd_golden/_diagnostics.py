@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 
-from ._dynamic_k import check_task_names
 from ._golden_pendulum import golden_ratio_weights
 from ._gramian import compute_gramian, normalize_gramian, row_norms
+from ._tasks import check_task_names
 from ._torchjd_compat import GramianWeightingBase
 from ._validation import check_bool, check_int, check_real
 

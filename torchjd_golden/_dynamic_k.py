@@ -20,7 +20,7 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import Matrix, PSDMatrix
 
-from ._aggregator_bases import GramianAggregator, forwarded
+from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
 from ._golden_pendulum import GoldenPendulumWeighting, golden_ratio_weights
 from ._gramian import (
     accumulation_dtype,
@@ -30,6 +30,7 @@ from ._gramian import (
     normalize_gramian,
 )
 from ._kernels.pcgrad import pcgrad_coefficients
+from ._tasks import TaskNames, check_task_names
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
 from ._validation import check_bool, check_input, check_int, check_real
 
@@ -104,18 +105,6 @@ def _check_distinct(name: str, names: Sequence[Hashable]) -> None:
         ) from error
     if not distinct:
         raise ValueError(f"Attribute `{name}` must hold distinct names. Found {names!r}.")
-
-
-def check_task_names(value: Iterable[Hashable] | None) -> tuple[Hashable, ...] | None:
-    """The validated value of a ``tasks`` property: ``None`` or a tuple of distinct names."""
-
-    if value is None:
-        return None
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ValueError(f"Attribute `tasks` must be a sequence of task names. Found {value!r}.")
-    names = ordered_names(value)
-    _check_distinct("tasks", names)
-    return names
 
 
 @dataclass(frozen=True)
@@ -570,19 +559,27 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
         gramian_of = partial(_needed_gramian, self.gramian_weighting)
         self.weighting = weighting_of_matrix(self.gramian_weighting, gramian_of)
 
-    groups = forwarded("groups")
-    tasks = forwarded("tasks")
-    auto_group = forwarded("auto_group")
-    regroup_every = forwarded("regroup_every")
-    similarity_threshold = forwarded("similarity_threshold")
-    lam = forwarded("lam")
-    n_iter = forwarded("n_iter")
-    min_weight_fraction = forwarded("min_weight_fraction")
-    pcgrad = forwarded("pcgrad")
-    pcgrad_across_groups = forwarded("pcgrad_across_groups")
-    alpha = forwarded("alpha", "The weights of the normalised gradients of the last call.")
-    active_groups = forwarded("active_groups", "The groups of the last call, with their tasks.")
-    group_weights = forwarded("group_weights", "The golden weight of each group of the last call.")
+    groups = ForwardedConverting[tuple[TaskGroup, ...], Sequence[GroupSpec]](
+        DynamicKWeighting.groups
+    )
+    tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
+        DynamicKWeighting.tasks
+    )
+    auto_group = Forwarded(DynamicKWeighting.auto_group)
+    regroup_every = Forwarded(DynamicKWeighting.regroup_every)
+    similarity_threshold = Forwarded(DynamicKWeighting.similarity_threshold)
+    lam = Forwarded(DynamicKWeighting.lam)
+    n_iter = Forwarded(DynamicKWeighting.n_iter)
+    min_weight_fraction = Forwarded(DynamicKWeighting.min_weight_fraction)
+    pcgrad = Forwarded(DynamicKWeighting.pcgrad)
+    pcgrad_across_groups = Forwarded(DynamicKWeighting.pcgrad_across_groups)
+    alpha = Forwarded[Tensor | None](
+        "alpha", "The weights of the normalised gradients of the last call."
+    )
+    active_groups = Forwarded[tuple[TaskGroup, ...]](
+        "active_groups", "The groups of the last call, with their tasks."
+    )
+    group_weights = Forwarded(DynamicKWeighting.group_weights)
 
     def add_task(self, task: Hashable, group: str) -> None:
         """See :meth:`DynamicKWeighting.add_task`."""

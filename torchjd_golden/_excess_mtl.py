@@ -8,14 +8,18 @@ Reference: He et al., `Robust Multi-Task Learning with Excess Risks
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import Matrix
 
-from ._aggregator_bases import MatrixAggregator, forwarded
+from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
 from ._gramian import accumulation_dtype, nan_unless
 from ._state import LazyState
+from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from ._validation import check_input, check_int, check_real
 
@@ -27,14 +31,18 @@ _EPS = 1e-7
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def accumulate_excess_risks(matrix: Tensor, squared_sum: Tensor, finite: Tensor) -> Tensor:
+def accumulate_excess_risks(
+    matrix: Tensor, squared_sum: Tensor, finite: Tensor, rows: Tensor | None = None
+) -> Tensor:
     r"""
-    Adds :math:`J \odot J` to ``squared_sum`` :math:`S` in place and returns the excess-risk
-    estimates :math:`\hat E_k = \sum_j J_{kj}^2 / \sqrt{S_{kj} + 10^{-7}}` (with the updated
-    :math:`S`), the diagonal-AdaGrad proxy of :math:`g_k^\top H_k^{-1} g_k`.
+    Adds :math:`J \odot J` to the rows ``rows`` (all when ``None``) of ``squared_sum`` :math:`S`
+    in place and returns the excess-risk estimates :math:`\hat E_k = \sum_j J_{kj}^2 /
+    \sqrt{S_{kj} + 10^{-7}}` (with the updated :math:`S`), the diagonal-AdaGrad proxy of
+    :math:`g_k^\top H_k^{-1} g_k`.
 
-    The columns are processed in chunks, so the only temporaries are two chunk-sized blocks.
-    When ``finite`` (a 0-dim boolean tensor) is false, :math:`S` is left bit-for-bit unchanged.
+    The columns are processed in chunks, so the only temporaries are two chunk-sized blocks (and,
+    for a subset of rows, the chunk of those rows). When ``finite`` (a 0-dim boolean tensor) is
+    false, :math:`S` is left bit-for-bit unchanged.
     """
 
     m, n = matrix.shape
@@ -45,14 +53,17 @@ def accumulate_excess_risks(matrix: Tensor, squared_sum: Tensor, finite: Tensor)
         # A copy in the state's dtype, zero on a non-finite step so that S stays unchanged.
         chunk = matrix[:, start : start + width].to(squared_sum.dtype)
         gradients = torch.where(finite, chunk, zero)
-        accumulated = squared_sum[:, start : start + width]
+        columns = squared_sum[:, start : start + width]
+        accumulated = columns if rows is None else columns.index_select(0, rows)
         accumulated.addcmul_(gradients, gradients)
+        if rows is not None:
+            columns.index_copy_(0, rows, accumulated)
         inverse_roots = accumulated.add(_EPS).rsqrt_()
         risks += torch.linalg.vecdot(inverse_roots.mul_(gradients), gradients, dim=1)
     return risks
 
 
-class ExcessMTLWeighting(MatrixWeightingBase, LazyState, NonDifferentiable):
+class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.Matrix`] from `Robust Multi-Task Learning with Excess Risks
@@ -98,12 +109,21 @@ class ExcessMTLWeighting(MatrixWeightingBase, LazyState, NonDifferentiable):
         The paper (Appendix C.1) recommends three epochs: ``3 * len(dataloader)``.
     """
 
-    _state_names = ("sq_grad_sum", "task_weights", "warmup_excess_sum", "baseline", "step_count")
+    _state_names = (
+        "sq_grad_sum",
+        "task_weights",
+        "warmup_excess_sum",
+        "baseline",
+        "step_count",
+        "task_steps",
+    )
+    _per_task_names = ("sq_grad_sum", "task_weights", "warmup_excess_sum", "baseline", "task_steps")
     sq_grad_sum: Tensor
     task_weights: Tensor
     warmup_excess_sum: Tensor
     baseline: Tensor
     step_count: Tensor
+    task_steps: Tensor
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__()
@@ -138,41 +158,83 @@ class ExcessMTLWeighting(MatrixWeightingBase, LazyState, NonDifferentiable):
             "warmup_excess_sum": torch.zeros(m, dtype=dtype, device=device),
             "baseline": torch.zeros(m, dtype=dtype, device=device),
             "step_count": torch.zeros((), dtype=torch.int64, device=device),
+            "task_steps": torch.zeros(m, dtype=torch.int64, device=device),
+        }
+
+    def _initial_task_rows(
+        self, count: int, sizes: tuple[int, ...], like: Tensor
+    ) -> dict[str, Tensor]:
+        m, n = sizes
+        dtype, device = accumulation_dtype(like.dtype), like.device
+        zeros = torch.zeros(count, dtype=dtype, device=device)
+        return {
+            "sq_grad_sum": torch.zeros(count, n, dtype=dtype, device=device),
+            "task_weights": torch.full((count,), 1.0 / m, dtype=dtype, device=device),
+            "warmup_excess_sum": zeros,
+            "baseline": zeros.clone(),
+            "task_steps": torch.zeros(count, dtype=torch.int64, device=device),
         }
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         check_input(matrix, self, gramian=False)
-        self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
+        rows = self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
         # One reduction over J decides, before S is touched, whether this step may change state.
         finite = torch.isfinite(matrix.sum(dtype=self.sq_grad_sum.dtype))
-        risks = accumulate_excess_risks(matrix.detach(), self.sq_grad_sum, finite)
+        risks = accumulate_excess_risks(matrix.detach(), self.sq_grad_sum, finite, rows)
 
-        step = self.step_count
-        in_warmup = step < self.n_warmup_steps
-        sets_baseline = step == self.n_warmup_steps
+        task_weights = self._task_rows("task_weights", rows)
+        warmup_excess_sum = self._task_rows("warmup_excess_sum", rows)
+        steps = self._task_rows("task_steps", rows)
+        in_warmup = steps < self.n_warmup_steps
+        sets_baseline = steps == self.n_warmup_steps
         if self.n_warmup_steps > 0:
-            first_baseline = self.warmup_excess_sum / self.n_warmup_steps
+            first_baseline = warmup_excess_sum / self.n_warmup_steps
             scaled_first = risks / (first_baseline + _EPS)
         else:
             first_baseline = risks
             scaled_first = risks
-        baseline = torch.where(sets_baseline, first_baseline, self.baseline)
+        baseline = torch.where(sets_baseline, first_baseline, self._task_rows("baseline", rows))
         scaled = torch.where(sets_baseline, scaled_first, risks / (baseline + _EPS))
-        updated = torch.softmax(
-            torch.log(self.task_weights) + scaled * self.robust_step_size, dim=0
-        )
-        weights = torch.where(in_warmup, self.task_weights, updated)
+        if self._known_tasks is not None:  # names: a distribution over the tasks of this call
+            task_weights = task_weights / task_weights.sum()
+        # A task in its warm-up keeps its weight (no step), the others take the exponentiated one.
+        increments = torch.where(in_warmup, 0.0, scaled * self.robust_step_size)
+        updated = torch.softmax(torch.log(task_weights) + increments, dim=0)
+        weights = torch.where(in_warmup.all(), task_weights, updated)
 
         self._commit(
             finite,
+            rows,
             task_weights=weights,
-            warmup_excess_sum=torch.where(
-                in_warmup, self.warmup_excess_sum + risks, self.warmup_excess_sum
-            ),
+            warmup_excess_sum=torch.where(in_warmup, warmup_excess_sum + risks, warmup_excess_sum),
             baseline=baseline,
-            step_count=step + 1,
+            task_steps=steps + 1,
+            step_count=self.step_count + 1,
         )
         return nan_unless(finite, weights).to(matrix.dtype)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Checkpoints written before tasks had names count one step for all of them.
+        step_count, task_steps = state_dict.get(prefix + "step_count"), prefix + "task_steps"
+        weights = state_dict.get(prefix + "task_weights")
+        if task_steps not in state_dict and isinstance(step_count, Tensor):
+            if isinstance(weights, Tensor) and step_count.numel() == 1:
+                filled = step_count.expand(weights.shape[0]).clone()
+            else:
+                filled = step_count.new_empty(0)
+            state_dict = {**state_dict, task_steps: filled}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def __repr__(self) -> str:
         return (
@@ -199,8 +261,12 @@ class ExcessMTL(MatrixAggregator, Stateful, NonDifferentiable):
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
 
-    robust_step_size = forwarded("robust_step_size")
-    n_warmup_steps = forwarded("n_warmup_steps")
+    robust_step_size = Forwarded(ExcessMTLWeighting.robust_step_size)
+    n_warmup_steps = Forwarded(ExcessMTLWeighting.n_warmup_steps)
+    tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
+        ExcessMTLWeighting.tasks
+    )
+    known_tasks = Forwarded(ExcessMTLWeighting.known_tasks)
 
     def reset(self) -> None:
         """Frees the accumulated squares; the next call starts from uniform weights and warm-up."""

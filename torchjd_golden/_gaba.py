@@ -7,14 +7,17 @@ paper, with the :math:`K`-task formula of its equation 4.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import PSDMatrix
 
-from ._aggregator_bases import GramianAggregator, forwarded
+from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
 from ._gramian import accumulation_dtype, all_finite, nan_unless, row_norms
 from ._state import LazyState
+from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_input, check_int, check_real
 
@@ -36,7 +39,7 @@ def inverse_norm_weights(norms: Tensor) -> Tensor:
     return (total - norms) / ((n_tasks - 1) * total)
 
 
-class GABAWeighting(GramianWeightingBase, LazyState, NonDifferentiable):
+class GABAWeighting(GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.PSDMatrix`] giving the weights of :class:`GABA`: an exponential
@@ -57,8 +60,13 @@ class GABAWeighting(GramianWeightingBase, LazyState, NonDifferentiable):
 
     Only the diagonal of the Gramian is used, so the weighting works with the autogram
     ``Engine``. Uniform scaling of the Jacobian leaves the weights unchanged. A non-finite
-    Gramian leaves the state untouched and gives NaN weights. A change of :math:`K` resets the
-    state with a warning.
+    Gramian leaves the state untouched and gives NaN weights.
+
+    **Tasks by name.** Without names, a change of :math:`K` resets the state with a warning. With
+    :attr:`tasks` set, :math:`e` is kept per task name and the step count is shared: a task absent
+    from a call keeps its average, a new task starts at :math:`1/K` (:math:`K` the tasks of the
+    call), and the averages of the call's tasks are renormalised to sum to one over them before
+    the update, since :math:`\lambda` is a distribution over them.
 
     :param beta: Decay :math:`\beta \in [0, 1]` of the moving average.
     :param warmup_steps: Number of first calls with uniform weights.
@@ -66,6 +74,7 @@ class GABAWeighting(GramianWeightingBase, LazyState, NonDifferentiable):
     """
 
     _state_names = ("ema_weights", "step_count")
+    _per_task_names = ("ema_weights",)
     ema_weights: Tensor
     step_count: Tensor
 
@@ -118,19 +127,21 @@ class GABAWeighting(GramianWeightingBase, LazyState, NonDifferentiable):
         check_input(gramian, self, gramian=True)
         n_tasks = gramian.shape[0]
         working = gramian.to(accumulation_dtype(gramian.dtype))
-        self._ensure_state((n_tasks,), working)
-        ema = self.ema_weights
+        rows = self._ensure_state((n_tasks,), working)
+        stored = self._task_rows("ema_weights", rows)
+        # With names, a distribution over the tasks of this call (absent ones keep theirs).
+        ema = stored if self._known_tasks is None else stored / stored.sum()
         finite = all_finite(working)
         step = self.step_count + 1
         in_warmup = step <= self.warmup_steps
 
         raw = inverse_norm_weights(row_norms(working).to(ema.dtype))
-        new_ema = torch.where(in_warmup, ema, self.beta * ema + (1.0 - self.beta) * raw)
+        new_ema = torch.where(in_warmup, stored, self.beta * ema + (1.0 - self.beta) * raw)
         floored = new_ema.clamp(min=self.min_weight)
         uniform = torch.full_like(ema, 1.0 / n_tasks)
         weights = torch.where(in_warmup, uniform, floored / floored.sum())
 
-        self._commit(finite, ema_weights=new_ema, step_count=step)
+        self._commit(finite, rows, ema_weights=new_ema, step_count=step)
         return nan_unless(finite, weights).to(gramian.dtype)
 
     def __repr__(self) -> str:
@@ -164,9 +175,11 @@ class GABA(GramianAggregator, Stateful, NonDifferentiable):
     ) -> None:
         super().__init__(GABAWeighting(beta, warmup_steps, min_weight))
 
-    beta = forwarded("beta")
-    warmup_steps = forwarded("warmup_steps")
-    min_weight = forwarded("min_weight")
+    beta = Forwarded(GABAWeighting.beta)
+    warmup_steps = Forwarded(GABAWeighting.warmup_steps)
+    min_weight = Forwarded(GABAWeighting.min_weight)
+    tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](GABAWeighting.tasks)
+    known_tasks = Forwarded(GABAWeighting.known_tasks)
 
     def reset(self) -> None:
         """Restores the uniform moving average and the step counter of the weighting."""

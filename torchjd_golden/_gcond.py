@@ -9,14 +9,14 @@ https://github.com/AlevLab-dev/GCond (commit ``1b0518a``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchjd.linalg import Matrix
 
-from ._aggregator_bases import MatrixAggregator, forwarded
+from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
 from ._gcond_parameters import GCondParameters
 from ._gramian import (
     accumulation_dtype,
@@ -27,11 +27,14 @@ from ._gramian import (
 )
 from ._kernels.gcond import Resolution, resolve_conflicts
 from ._state import LazyState
+from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from ._validation import check_input, check_real
 
 
-class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDifferentiable):
+class GCondWeighting(
+    GCondParameters, MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable
+):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.Matrix`] of GCond, the Gradient Conductor of `GCond: Gradient
@@ -80,6 +83,7 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
 
     _state_names = (
         "jacobians",
+        "region_tasks",
         "previous_half",
         "previous_coefficients",
         "previous_norms_sq",
@@ -88,7 +92,9 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
         "winner_count",
         "step_count",
     )
+    _per_task_names = ("norm_ema",)
     jacobians: Tensor
+    region_tasks: Tensor
     previous_half: Tensor
     previous_coefficients: Tensor
     previous_norms_sq: Tensor
@@ -129,18 +135,21 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
         rows, n = self.jacobians.shape
         return (rows // 2, n)[:count]
 
-    # A checkpoint holds the previous Jacobian only: the other half of ``jacobians`` is scratch
-    # space (the Jacobian of the step being computed, or of a rejected non-finite step).
+    # A checkpoint holds the previous Jacobian and its tasks only: the other region of
+    # ``jacobians`` is scratch space (the Jacobian of the step being computed, or of a rejected
+    # non-finite step).
 
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         jacobians = destination.pop(prefix + "jacobians")
+        tasks = destination.pop(prefix + "region_tasks")
         half = destination.pop(prefix + "previous_half")
-        m = jacobians.shape[0] // 2
-        start = m * int(half) if jacobians.numel() else 0  # a host read, in checkpointing only
-        destination[prefix + "previous_jacobian"] = jacobians[start : start + m]
+        rows = jacobians.shape[0] // 2
+        start = rows * int(half) if jacobians.numel() else 0  # a host read, in checkpointing only
+        destination[prefix + "previous_jacobian"] = jacobians[start : start + rows]
+        destination[prefix + "previous_tasks"] = tasks[start : start + rows]
 
     def _load_from_state_dict(
         self,
@@ -154,15 +163,22 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
     ) -> None:
         state = dict(state_dict)
         previous = state.pop(prefix + "previous_jacobian", None)
+        tasks = state.pop(prefix + "previous_tasks", None)
         if isinstance(previous, Tensor):
-            # The half an uninterrupted run would hold it in (each finite step flips it, from 0):
-            # the products come out of other columns of one matmul otherwise, which can round
-            # differently, and the resumed run would not be bit-identical.
+            rows = previous.shape[0]
+            if not isinstance(tasks, Tensor):  # written before tasks had names: rows in order
+                tasks = torch.arange(rows)
+            # The region an uninterrupted run would hold it in (each finite step flips it, from
+            # 0): the products come out of other columns of one matmul otherwise, which can
+            # round differently, and the resumed run would not be bit-identical.
             steps = state.get(prefix + "step_count")
             half = int(steps) % 2 if isinstance(steps, Tensor) and steps.numel() == 1 else 0
-            scratch = torch.zeros_like(previous)
-            halves = [scratch, previous] if half else [previous, scratch]
-            state[prefix + "jacobians"] = torch.cat(halves)
+            scratch, no_tasks = torch.zeros_like(previous), torch.full_like(tasks, -1)
+            regions = [(scratch, no_tasks), (previous, tasks)]
+            if not half:
+                regions.reverse()
+            state[prefix + "jacobians"] = torch.cat([regions[0][0], regions[1][0]])
+            state[prefix + "region_tasks"] = torch.cat([regions[0][1], regions[1][1]])
             state[prefix + "previous_half"] = torch.tensor(half, dtype=torch.int64)
         super()._load_from_state_dict(
             state, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -177,6 +193,7 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
 
         return {
             "jacobians": torch.zeros(2 * m, n, dtype=like.dtype, device=device),
+            "region_tasks": torch.full((2 * m,), -1, dtype=torch.int64, device=device),
             "previous_half": counter(),
             "previous_coefficients": torch.eye(m, dtype=dtype, device=device),
             "previous_norms_sq": torch.zeros(m, dtype=dtype, device=device),
@@ -189,17 +206,17 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
     def forward(self, matrix: Matrix, /) -> Tensor:
         check_input(matrix, self, gramian=False)
         m, n = matrix.shape
-        self._ensure_state((m, n), matrix)
+        rows = self._ensure_state((m, n), matrix)
+        if m > self.jacobians.shape[0] // 2:  # more named tasks than the regions have rows
+            self._grow_regions(m)
         if self.winner_history.numel() != self.dominance_window:  # the window was changed
             self.winner_history = torch.full((self.dominance_window,), -1, device=matrix.device)
             self.winner_count = torch.zeros_like(self.winner_count)
 
-        gramian, cross = gramian_and_cross_products(
-            matrix.detach(), self.jacobians, self.previous_half
-        )
+        task_ids = torch.arange(m, device=matrix.device) if rows is None else rows
+        gramian, cross, previous_norms_sq = self._products(matrix.detach(), task_ids)
         finite = all_finite(gramian)
-        cross = cross @ self.previous_coefficients.T  # J P^T with P = C_prev J_prev
-        norm_ema = self.norm_ema
+        norm_ema = self._task_rows("norm_ema", rows)
         if m > 1:
             norms = gramian.diagonal().clamp(min=0.0).sqrt().to(torch.float64)
             beta = self.norm_ema_beta
@@ -207,11 +224,12 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
             resolution = resolve_conflicts(
                 gramian,
                 cross,
-                self.previous_norms_sq,
+                previous_norms_sq,
                 norm_ema,
                 self.winner_history,
                 self.winner_count,
                 self._settings(m),
+                task_ids=task_ids,
             )
         else:  # the reference returns a single task's gradient untouched
             resolution = Resolution(
@@ -223,11 +241,16 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
             )
 
         coefficients = resolution.coefficients.to(device=gramian.device, dtype=gramian.dtype)
+        capacity = self.jacobians.shape[0] // 2
+        padding = (0, capacity - m)
         self._commit(
             finite,
+            rows,
             previous_half=1 - self.previous_half,
-            previous_coefficients=coefficients,
-            previous_norms_sq=((coefficients @ gramian) * coefficients).sum(dim=1),
+            previous_coefficients=nn.functional.pad(coefficients, padding + padding),
+            previous_norms_sq=nn.functional.pad(
+                ((coefficients @ gramian) * coefficients).sum(dim=1), padding
+            ),
             norm_ema=norm_ema,
             winner_history=resolution.history.to(gramian.device),
             winner_count=resolution.history_count.to(gramian.device),
@@ -237,11 +260,54 @@ class GCondWeighting(GCondParameters, MatrixWeightingBase, LazyState, NonDiffere
         self.min_cosine_sim = resolution.min_cosine_sim
         return nan_unless(finite, coefficients.sum(dim=0)).to(matrix.dtype)
 
+    def _products(self, matrix: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""
+        This step's Gramian, the cross products :math:`X_{ti} = \langle J_t, p_i \rangle` with
+        the previous resolved row :math:`p_i` of the same task (zero for a task absent from the
+        previous step) and :math:`\|p_i\|^2`; :math:`J` goes into the scratch region, under
+        the tasks ``task_ids``.
+        """
+
+        m, capacity = matrix.shape[0], self.jacobians.shape[0] // 2
+        gramian, cross = gramian_and_cross_products(matrix, self.jacobians, self.previous_half)
+        positions = torch.arange(capacity, device=matrix.device)
+        scratch = torch.where(self.previous_half == 0, positions + capacity, positions)
+        previous = torch.where(self.previous_half == 0, positions, positions + capacity)
+        self.region_tasks.index_copy_(
+            0, scratch, nn.functional.pad(task_ids, (0, capacity - m), value=-1)
+        )
+        # Previous row r holds task previous_tasks[r]: the one-hot match picks, for each task of
+        # this step, its own previous row (exactly: a product by one and sums of zeros).
+        previous_tasks = self.region_tasks.index_select(0, previous)
+        match = (task_ids.unsqueeze(1) == previous_tasks.unsqueeze(0)).to(cross.dtype)
+        cross = (cross @ self.previous_coefficients.T) @ match.T  # J P^T, P = C_prev J_prev
+        return gramian, cross, match @ self.previous_norms_sq
+
+    def _initial_task_rows(
+        self, count: int, sizes: tuple[int, ...], like: Tensor
+    ) -> dict[str, Tensor]:
+        return {"norm_ema": torch.ones(count, dtype=torch.float64, device=like.device)}
+
+    def _grow_regions(self, rows: int) -> None:
+        """Gives each region of the store ``rows`` rows, keeping what they hold."""
+
+        capacity, n = self.jacobians.shape[0] // 2, self.jacobians.shape[1]
+        extra = rows - capacity
+        with torch.inference_mode(False):
+            regions = self.jacobians.view(2, capacity, n)
+            self.jacobians = nn.functional.pad(regions, (0, 0, 0, extra)).reshape(2 * rows, n)
+            tasks = self.region_tasks.view(2, capacity)
+            self.region_tasks = nn.functional.pad(tasks, (0, extra), value=-1).reshape(2 * rows)
+            self.previous_coefficients = nn.functional.pad(
+                self.previous_coefficients, (0, extra, 0, extra)
+            )
+            self.previous_norms_sq = nn.functional.pad(self.previous_norms_sq, (0, extra))
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self._parameters_repr()}, eps={self.eps!r})"
 
 
-class GCond(GCondParameters, MatrixAggregator, LazyState, NonDifferentiable):
+class GCond(MatrixAggregator, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.WeightedAggregator` of GCond, the
     Gradient Conductor of `GCond: Gradient Conflict Resolution via Accumulation-based
@@ -358,15 +424,21 @@ class GCond(GCondParameters, MatrixAggregator, LazyState, NonDifferentiable):
         self.momentum_beta = momentum_beta
         self._register_state()
 
-    conflict_thresholds = forwarded("conflict_thresholds")
-    use_smooth_logic = forwarded("use_smooth_logic")
-    remap_power = forwarded("remap_power")
-    dominance_window = forwarded("dominance_window")
-    tie_breaking_weights = forwarded("tie_breaking_weights")
-    norm_ema_beta = forwarded("norm_ema_beta")
-    norm_cap = forwarded("norm_cap")
-    projection_max_iters = forwarded("projection_max_iters")
-    eps = forwarded("eps")
+    conflict_thresholds = ForwardedConverting[tuple[float, float, float], Sequence[float]](
+        GCondWeighting.conflict_thresholds
+    )
+    use_smooth_logic = Forwarded(GCondWeighting.use_smooth_logic)
+    remap_power = Forwarded(GCondWeighting.remap_power)
+    dominance_window = Forwarded(GCondWeighting.dominance_window)
+    tie_breaking_weights = ForwardedConverting[tuple[float, float], Sequence[float]](
+        GCondWeighting.tie_breaking_weights
+    )
+    norm_ema_beta = Forwarded(GCondWeighting.norm_ema_beta)
+    norm_cap = Forwarded(GCondWeighting.norm_cap)
+    projection_max_iters = Forwarded(GCondWeighting.projection_max_iters)
+    eps = Forwarded(GCondWeighting.eps)
+    tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](GCondWeighting.tasks)
+    known_tasks = Forwarded(GCondWeighting.known_tasks)
 
     @property
     def momentum_beta(self) -> float:
@@ -416,6 +488,6 @@ class GCond(GCondParameters, MatrixAggregator, LazyState, NonDifferentiable):
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}({self._parameters_repr()}, "
+            f"{self.__class__.__name__}({self.weighting._parameters_repr()}, "
             f"momentum_beta={self.momentum_beta!r}, eps={self.eps!r})"
         )

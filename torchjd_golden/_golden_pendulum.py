@@ -9,15 +9,17 @@ Gradient Balancing in Multi-Head Transformer Training*, and its package ``golden
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
 from torchjd.linalg import PSDMatrix
 
-from ._aggregator_bases import GramianAggregator, forwarded
+from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
 from ._gramian import accumulation_dtype, all_finite, nan_unless, normalize_gramian
 from ._kernels.golden_qp import solve_golden_qp
 from ._kernels.pcgrad import pcgrad_coefficients
+from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_bool, check_input, check_int, check_real
 
@@ -112,7 +114,9 @@ class GoldenPendulumParameters:
         self._pcgrad = check_bool("pcgrad", value)
 
 
-class GoldenPendulumWeighting(GoldenPendulumParameters, GramianWeightingBase, NonDifferentiable):
+class GoldenPendulumWeighting(
+    GoldenPendulumParameters, NamedTasks, GramianWeightingBase, NonDifferentiable
+):
     r"""
     :class:`~torchjd.aggregation.Weighting` [:class:`~torchjd.linalg.PSDMatrix`] giving the
     weights of :class:`GoldenPendulum`, from `Golden Pendulum Multi-Task Learning
@@ -176,6 +180,7 @@ class GoldenPendulumWeighting(GoldenPendulumParameters, GramianWeightingBase, No
 
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         check_input(gramian, self, gramian=True)
+        self._call_tasks(gramian.shape[0])  # names are only checked: there is no state
         compute_dtype = accumulation_dtype(gramian.dtype)
         working = gramian.to(compute_dtype)
         if gramian.shape[0] == 1:
@@ -232,12 +237,15 @@ class GoldenPendulum(GramianAggregator, NonDifferentiable):
             )
         )
 
-    lam = forwarded("lam")
-    n_iter = forwarded("n_iter")
-    min_weight_fraction = forwarded("min_weight_fraction")
-    pcgrad = forwarded("pcgrad")
-    alpha = forwarded("alpha", "The QP solution :math:`\\alpha` of the last call.")
-    balance_ratio = forwarded("balance_ratio", "See :attr:`GoldenPendulumWeighting.balance_ratio`.")
+    lam = Forwarded(GoldenPendulumWeighting.lam)
+    n_iter = Forwarded(GoldenPendulumWeighting.n_iter)
+    min_weight_fraction = Forwarded(GoldenPendulumWeighting.min_weight_fraction)
+    pcgrad = Forwarded(GoldenPendulumWeighting.pcgrad)
+    alpha = Forwarded[Tensor | None]("alpha", "The QP solution :math:`\\alpha` of the last call.")
+    balance_ratio = Forwarded(GoldenPendulumWeighting.balance_ratio)
+    tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
+        GoldenPendulumWeighting.tasks
+    )
 
     def __repr__(self) -> str:
         return repr(self.gramian_weighting).replace("Weighting", "", 1)

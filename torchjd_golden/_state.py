@@ -1,17 +1,20 @@
 """
 State kept by the stateful weightings: buffers sized by the first input, saved and restored by
-``state_dict``, and never changed by a step whose input is not finite.
+``state_dict``, never changed by a step whose input is not finite, and keyed by task name when
+the caller names the tasks.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping
+import json
+from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torchjd import Stateful
+
+from ._tasks import NamedTasks, TaskNames, warn_user
 
 
 class LazyState(nn.Module, Stateful):
@@ -25,17 +28,46 @@ class LazyState(nn.Module, Stateful):
     the initial state in :meth:`_initial_state`; the leading dimensions of the first buffer are
     the input's sizes the state depends on (the number of tasks, and for some methods the number
     of parameters).
+
+    **Tasks by name** (with :class:`~._tasks.NamedTasks` mixed in before this class). The buffers
+    in :attr:`_per_task_names` hold one row per *known* task (their first dimension). Without
+    names, the known tasks are the rows of the input, and a change of
+    their number resets the state with a warning. Once the caller names the tasks (``tasks``),
+    each name owns a row: :meth:`_ensure_state` returns the rows of the call's tasks (``None``
+    when they are all the known tasks in order), a new name gets a row of the initial per-task
+    state, and the other rows are left untouched until their task returns. The names of the
+    rows travel in the checkpoint (the module's extra state).
     """
 
     _state_names: ClassVar[tuple[str, ...]]
+    _per_task_names: ClassVar[tuple[str, ...]] = ()
+    _known_tasks: list[Hashable] | None = None  # the name of each per-task row, or None
 
     def _register_state(self) -> None:
         for name in self._state_names:
             self.register_buffer(name, torch.empty(0))
+        if self._named:
+            self.register_buffer("task_names", torch.empty(0, dtype=torch.uint8))
+        self._expected_dtypes: dict[torch.dtype, dict[str, torch.dtype]] = {}
 
     @property
     def _has_state(self) -> bool:
         return self._buffers[self._state_names[0]].numel() > 0  # type: ignore[union-attr]
+
+    @property
+    def _named(self) -> bool:
+        """Whether the caller can name the tasks (the class mixes in NamedTasks)."""
+        return isinstance(self, NamedTasks)
+
+    def _call_tasks(self, m: int) -> TaskNames | None:
+        """The task names of a call on ``m`` rows (none here; see :class:`~._tasks.NamedTasks`)."""
+
+        return None
+
+    @property
+    def known_tasks(self) -> tuple[Hashable, ...] | None:
+        """The names of the tasks the state knows, in the order of its per-task rows."""
+        return None if self._known_tasks is None else tuple(self._known_tasks)
 
     def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
         """The state before any step for input ``sizes``, on the dtype and device of ``like``."""
@@ -50,40 +82,151 @@ class LazyState(nn.Module, Stateful):
         assert state is not None
         return tuple(state.shape[:count])
 
-    def _ensure_state(self, sizes: tuple[int, ...], like: Tensor, *, warn: bool = True) -> None:
+    def _ensure_state(
+        self, sizes: tuple[int, ...], like: Tensor, *, warn: bool = True
+    ) -> Tensor | None:
         """
-        Creates the state on the first call, and resets it (with a warning unless ``warn`` is
-        false) when the input sizes it depends on (``sizes``: the number of tasks, maybe the
-        number of parameters) change.
+        Makes the state fit a call on input ``sizes`` (the number of tasks, maybe the number of
+        parameters) in the dtype and on the device of ``like``, and returns the per-task rows of
+        the call's tasks (``None``: all known tasks, in order).
+
+        The state is created on the first call. It is rebuilt, with a warning unless ``warn`` is
+        false, when the sizes other than the number of tasks change, when the dtypes it would be
+        built in for ``like`` differ from its own (a change of the input's precision, or a
+        conversion of the module to half precision), and, without task names, when the number of
+        tasks changes. State on another device than ``like`` is an error.
         """
 
+        names = self._call_tasks(sizes[0])
         if self._has_state:
-            state = self._buffers[self._state_names[0]]
-            assert state is not None
-            if state.device != like.device:
-                raise ValueError(
-                    f"The state of `{self.__class__.__name__}` is on {state.device} but the input "
-                    f"is on {like.device}. Move the aggregator with `.to({str(like.device)!r})`."
-                )
-            previous = self._state_sizes(len(sizes))
-            if previous == sizes:
-                return
+            problem = self._mismatch(sizes, like, names)
+            if problem is None:
+                return self._rows_of(names, sizes, like)
             if warn:
-                warnings.warn(
-                    f"`{self.__class__.__name__}` received {_describe(sizes)} after "
-                    f"{_describe(previous)}: its state was reset.",
-                    stacklevel=4,
-                )
-        for name, value in self._initial_state(sizes, like).items():
-            setattr(self, name, value)
+                warn_user(f"`{self.__class__.__name__}` {problem}: its state was reset.")
+        self._build(sizes, like, names)
+        return None
 
-    def _commit(self, finite: Tensor, **new_state: Tensor) -> None:
-        """Writes ``new_state`` into the buffers where ``finite`` is true, keeps them otherwise."""
+    def _mismatch(
+        self, sizes: tuple[int, ...], like: Tensor, names: tuple[Hashable, ...] | None
+    ) -> str | None:
+        """Why the state cannot serve this call (``None`` when it can)."""
+
+        state = self._buffers[self._state_names[0]]
+        assert state is not None
+        if state.device != like.device:
+            raise ValueError(
+                f"The state of `{self.__class__.__name__}` is on {state.device} but the input is "
+                f"on {like.device}. Move the aggregator with `.to({str(like.device)!r})`."
+            )
+        previous = self._state_sizes(len(sizes))
+        task_count_matters = names is None or self._known_tasks is None
+        if previous[1:] != sizes[1:] or (task_count_matters and previous[0] != sizes[0]):
+            return f"received {_describe(sizes)} after {_describe(previous)}"
+        if torch.compiler.is_compiling():
+            return None  # compilation guards on the dtypes itself
+        expected = self._dtypes_for(sizes, like)
+        for name in self._state_names:
+            buffer = self._buffers[name]
+            assert buffer is not None
+            if buffer.dtype != expected[name]:
+                return (
+                    f"received a {like.dtype} input but holds {name} in {buffer.dtype} instead of "
+                    f"{expected[name]}"
+                )
+        return None
+
+    def _dtypes_for(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, torch.dtype]:
+        """The dtype of each buffer of a state built for ``like`` (cached per input dtype)."""
+
+        dtypes = self._expected_dtypes.get(like.dtype)
+        if dtypes is None:
+            meta = torch.empty(0, dtype=like.dtype, device="meta")
+            dtypes = {k: v.dtype for k, v in self._initial_state(sizes, meta).items()}
+            self._expected_dtypes[like.dtype] = dtypes
+        return dtypes
+
+    def _build(
+        self, sizes: tuple[int, ...], like: Tensor, names: tuple[Hashable, ...] | None
+    ) -> None:
+        # Normal tensors even under torch.inference_mode(): later calls update them in place.
+        with torch.inference_mode(False):
+            for name, value in self._initial_state(sizes, like).items():
+                setattr(self, name, value)
+        self._set_known_tasks(None if names is None else list(names), like.device)
+
+    def _set_known_tasks(self, names: list[Hashable] | None, device: torch.device) -> None:
+        self._known_tasks = names
+        if self._named:
+            encoded = b"" if names is None else json.dumps(names).encode()
+            with torch.inference_mode(False):
+                self.task_names = torch.tensor(list(encoded), dtype=torch.uint8, device=device)
+
+    def _rows_of(
+        self, names: tuple[Hashable, ...] | None, sizes: tuple[int, ...], like: Tensor
+    ) -> Tensor | None:
+        """The per-task rows of the call's tasks; new names get rows of initial state."""
+
+        if names is None:
+            return None  # the rows are the known tasks, in order
+        known = self._known_tasks
+        if known is None:  # state built without names: these name its rows, in order
+            self._set_known_tasks(list(names), like.device)
+            return None
+        if len(names) == len(known) and all(a == b for a, b in zip(names, known, strict=True)):
+            return None
+        index = {name: row for row, name in enumerate(known)}
+        new = [name for name in names if name not in index]
+        if new:
+            self._add_task_rows(len(new), sizes, like)
+            index.update({name: len(known) + k for k, name in enumerate(new)})
+            known = [*known, *new]
+            self._set_known_tasks(known, like.device)
+        rows = [index[name] for name in names]
+        if rows == list(range(len(known))):
+            return None
+        return torch.tensor(rows, device=like.device)
+
+    def _initial_task_rows(
+        self, count: int, sizes: tuple[int, ...], like: Tensor
+    ) -> dict[str, Tensor]:
+        """The initial per-task state of ``count`` new tasks joining a call on ``sizes``."""
+
+        initial = self._initial_state(sizes, like)
+        return {name: initial[name][:count] for name in self._per_task_names}
+
+    def _add_task_rows(self, count: int, sizes: tuple[int, ...], like: Tensor) -> None:
+        """Appends ``count`` rows of the initial per-task state (that of a call on ``sizes``)."""
+
+        initial = self._initial_task_rows(count, sizes, like)
+        with torch.inference_mode(False):
+            for name in self._per_task_names:
+                buffer = self._buffers[name]
+                assert buffer is not None
+                fresh = initial[name][:count].to(buffer.dtype)
+                self._buffers[name] = torch.cat([buffer, fresh])
+
+    def _task_rows(self, name: str, rows: Tensor | None) -> Tensor:
+        """The rows of per-task buffer ``name`` for the call's tasks."""
+
+        buffer = self._buffers[name]
+        assert buffer is not None
+        return buffer if rows is None else buffer.index_select(0, rows)
+
+    def _commit(self, finite: Tensor, rows: Tensor | None = None, **new_state: Tensor) -> None:
+        """
+        Writes ``new_state`` into the buffers where ``finite`` is true and keeps them otherwise.
+        A per-task value covers the call's tasks, ``rows`` of its buffer (all when ``None``).
+        """
 
         for name, value in new_state.items():
             buffer = getattr(self, name)
-            # In place (one pass, and the buffer keeps its address for CUDA graphs).
-            torch.where(finite, value.to(buffer.dtype), buffer, out=buffer)
+            if rows is not None and name in self._per_task_names:
+                current = buffer.index_select(0, rows)
+                buffer.index_copy_(0, rows, torch.where(finite, value.to(buffer.dtype), current))
+            else:
+                # In place (one pass, and the buffer keeps its address for CUDA graphs).
+                torch.where(finite, value.to(buffer.dtype), buffer, out=buffer)
 
     def reset(self) -> None:
         """Forgets all state: the next call behaves as the first call of a new instance."""
@@ -92,6 +235,7 @@ class LazyState(nn.Module, Stateful):
             buffer = self._buffers[name]
             assert buffer is not None
             self._buffers[name] = buffer.new_empty(0)
+        self._set_known_tasks(None, self._buffers[self._state_names[0]].device)  # type: ignore[union-attr]
 
     def _load_from_state_dict(
         self,
@@ -110,11 +254,36 @@ class LazyState(nn.Module, Stateful):
             buffer = self._buffers[name]
             if isinstance(saved, Tensor) and buffer is not None:
                 self._buffers[name] = torch.empty_like(saved, device=buffer.device)
+        if self._named:  # checkpoints written before tasks had names: no names
+            state_dict = {prefix + "task_names": torch.empty(0, dtype=torch.uint8), **state_dict}
+            saved_names = state_dict[prefix + "task_names"]
+            if isinstance(saved_names, Tensor):
+                self.task_names = torch.empty_like(saved_names, device=self.task_names.device)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if self._named:  # a host read, at loading only
+            encoded = bytes(self.task_names.tolist())
+            self._known_tasks = _decoded(json.loads(encoded)) if encoded else None
+        # A part of the state (strict=False) would only fail later, far from its cause.
+        absent = [name for name in self._state_names if prefix + name not in state_dict]
+        if absent and len(absent) < len(self._state_names):
+            error_msgs.append(
+                f"The state of `{self.__class__.__name__}` is all or nothing: the checkpoint lacks "
+                f"{', '.join(prefix + name for name in absent)}. Load a whole state_dict, or none "
+                "(and call reset())."
+            )
 
 
 def _describe(sizes: tuple[int, ...]) -> str:
     words = [f"{sizes[0]} tasks"] + [f"{size} parameters" for size in sizes[1:]]
     return " and ".join(words)
+
+
+def _decoded(names: list[Any]) -> list[Hashable]:
+    """The task names JSON read back, with their tuples (JSON lists) as tuples again."""
+
+    def hashable(value: Any) -> Hashable:
+        return tuple(hashable(part) for part in value) if isinstance(value, list) else value
+
+    return [hashable(name) for name in names]

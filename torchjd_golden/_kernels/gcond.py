@@ -64,6 +64,7 @@ def resolve_conflicts(
     history_count: Tensor,
     settings: ResolveSettings,
     *,
+    task_ids: Tensor | None = None,
     path: SolverPath | None = None,
 ) -> Resolution:
     r"""
@@ -78,13 +79,26 @@ def resolve_conflicts(
         is at position :math:`k` mod ``dominance_window``.
     :param history_count: How many winners were ever appended.
     :param settings: The hyper-parameters.
+    :param task_ids: The identity of each row in the history (the winners are stored and compared
+        as these), shape ``[m]``; by default the row indices.
     :param path: ``"host"``, ``"tensor"`` or ``"auto"``; ``None`` follows
         :func:`~._paths.solver_path`.
     :returns: The coefficients :math:`C` (float64, or the tensor path's dtype), the history and
         its count, the number of iterations that resolved a pair and the first iteration's cosine.
     """
 
-    inputs = (gramian, cross, previous_norms_sq, norm_ema, history, history_count, settings)
+    if task_ids is None:
+        task_ids = torch.arange(gramian.shape[0], device=gramian.device)
+    inputs = (
+        gramian,
+        cross,
+        previous_norms_sq,
+        norm_ema,
+        history,
+        history_count,
+        task_ids,
+        settings,
+    )
     if chosen_path(gramian, path) == "host":
         with np.errstate(all="ignore"):  # a non-finite step runs too; its output is discarded
             return _HostResolution(*inputs).run()
@@ -127,9 +141,11 @@ class _HostResolution:
         norm_ema: Tensor,
         history: Tensor,
         history_count: Tensor,
+        task_ids: Tensor,
         settings: ResolveSettings,
     ) -> None:
         self.settings = settings
+        self.task_ids: list[int] = task_ids.tolist()
         inner = host_array(gramian)
         m = inner.shape[0]
         scale = np.ones(m)
@@ -213,9 +229,10 @@ class _HostResolution:
         stability_weight, strength_weight = self.settings.tie_breaking_weights
         winner, loser = i, j
         full = window > 0 and len(self.winners) == window
-        if full and all(w == i for w in self.winners):
+        id_i, id_j = self.task_ids[i], self.task_ids[j]
+        if full and all(w == id_i for w in self.winners):
             winner, loser = j, i
-        elif not (full and all(w == j for w in self.winners)):
+        elif not (full and all(w == id_j for w in self.winners)):
             norms = [math.sqrt(max(float(self.inner[k, k]), 0.0)) for k in (i, j)]
             scaled = [norms[0] / (self.norm_ema[i] + eps), norms[1] / (self.norm_ema[j] + eps)]
             total = scaled[0] + scaled[1]
@@ -228,7 +245,7 @@ class _HostResolution:
             if scores[1] > scores[0]:
                 winner, loser = j, i
         if window:
-            self.winners = [*self.winners, winner][-window:]
+            self.winners = [*self.winners, self.task_ids[winner]][-window:]
             self.count += 1
         return winner, loser
 
@@ -290,9 +307,11 @@ class _TensorResolution:
         norm_ema: Tensor,
         history: Tensor,
         history_count: Tensor,
+        task_ids: Tensor,
         settings: ResolveSettings,
     ) -> None:
         device = gramian.device
+        self.task_ids = task_ids
         dtype = solver_dtype(device)
         self.settings, self.dtype, self.device = settings, dtype, device
         gramian = gramian.to(dtype)
@@ -375,7 +394,9 @@ class _TensorResolution:
         if window:
             appends = found & arbitrated
             slot = self.positions == self.history_count % window
-            self.history = torch.where(slot & appends, torch.where(j_wins, j, i), self.history)
+            ids = self.task_ids.index_select(0, pair)
+            winner = torch.where(j_wins, ids[1], ids[0])
+            self.history = torch.where(slot & appends, winner, self.history)
             self.history_count = self.history_count + appends.to(self.history_count.dtype)
 
     def _j_wins(self, pair: Tensor, squares: Tensor) -> Tensor:
@@ -394,8 +415,9 @@ class _TensorResolution:
         j_wins = scores[1] > scores[0]
         if window:
             full = self.history_count >= window
-            i_dominant = full & (self.history == pair[0]).all()
-            j_dominant = full & (self.history == pair[1]).all()
+            ids = self.task_ids.index_select(0, pair)
+            i_dominant = full & (self.history == ids[0]).all()
+            j_dominant = full & (self.history == ids[1]).all()
             j_wins = i_dominant | (~j_dominant & j_wins)
         return j_wins
 

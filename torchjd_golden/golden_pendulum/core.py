@@ -93,7 +93,7 @@ class GoldenPendulumMTL:
     @property
     def lam(self) -> float:
         """Strength of the pull towards the golden-ratio targets."""
-        return self.aggregator.lam  # type: ignore[no-any-return]
+        return self.aggregator.lam
 
     @lam.setter
     def lam(self, value: float) -> None:
@@ -102,7 +102,7 @@ class GoldenPendulumMTL:
     @property
     def n_iter(self) -> int:
         """Number of QP steps."""
-        return self.aggregator.n_iter  # type: ignore[no-any-return]
+        return self.aggregator.n_iter
 
     @n_iter.setter
     def n_iter(self, value: int) -> None:
@@ -111,7 +111,7 @@ class GoldenPendulumMTL:
     @property
     def min_weight_fraction(self) -> float:
         """Floor of each weight, as a fraction of one over the task count."""
-        return self.aggregator.min_weight_fraction  # type: ignore[no-any-return]
+        return self.aggregator.min_weight_fraction
 
     @min_weight_fraction.setter
     def min_weight_fraction(self, value: float) -> None:
@@ -120,7 +120,7 @@ class GoldenPendulumMTL:
     @property
     def pcgrad(self) -> bool:
         """Whether conflicts are resolved with PCGrad."""
-        return self.aggregator.pcgrad  # type: ignore[no-any-return]
+        return self.aggregator.pcgrad
 
     @pcgrad.setter
     def pcgrad(self, value: bool) -> None:

@@ -100,9 +100,14 @@ class DynamicK:
         regroups = aggregator.gramian_weighting.regroups_next_call()
         balanced_backward(losses, model, shared_params, aggregator)
         if regroups:
-            self._groups = [TaskGroup(g.name, set(g.tasks)) for g in aggregator.groups]
+            self._groups = [TaskGroup(g.name, {str(t) for t in g.tasks}) for g in aggregator.groups]
+        assert aggregator.alpha is not None  # set by the call
         alpha = dict(zip(losses, aggregator.alpha.tolist(), strict=True))
-        weights = {name: alpha[name] for group in aggregator.active_groups for name in group.tasks}
+        weights = {
+            str(name): alpha[str(name)]
+            for group in aggregator.active_groups
+            for name in group.tasks
+        }
         self._weight_history.append(weights)
         return weights
 
