@@ -51,6 +51,11 @@ class Workload:
     test_inputs: Tensor
     test_targets: Tensor
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """The number of batches of ``batch_size`` in one pass over the training set."""
+
+        return max(1, self.train_inputs.shape[0] // batch_size)
+
 
 def synthetic(seed: int) -> Workload:
     """
