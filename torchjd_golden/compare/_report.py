@@ -241,7 +241,8 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "count_improvement; every metric here is higher-is-better. Balance and largest weight "
         "are averaged over the second half of training; Golden Pendulum's weights are its QP "
         "solution (as its paper reports them), the others' the weights `jac_to_grad` returns, "
-        f"normalised to unit total. ms / step: one thread per run, {jobs} run(s) at a time.",
+        f"normalised to unit total. ms / step: one thread per run, {jobs} run(s) at a time; "
+        "for the baselines, one step of each of their networks.",
         "",
     ]
     by_label: dict[str, list[Summary]] = {}
