@@ -234,7 +234,9 @@ def test_an_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         ["--seeds", "0"],
         ["--jobs", "0"],
         ["--methods", " , "],
+        ["--methods", "mean,Mean"],  # one method twice, under two names
         ["--workload", "mnist"],
+        ["--device", "nope"],
     ],
 )
 def test_bad_options_are_usage_errors(arguments: list[str]) -> None:

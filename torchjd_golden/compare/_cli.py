@@ -99,9 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for option in ("steps", "seeds", "jobs"):
         if getattr(arguments, option) < (2 if option == "steps" else 1):
             compare.error(f"--{option} is too small: {getattr(arguments, option)}")
-    names = [name.strip() for name in arguments.methods.split(",") if name.strip()]
+    names = list(dict.fromkeys(n.strip() for n in arguments.methods.split(",") if n.strip()))
     if not names:
         compare.error("--methods names no method")
+    try:
+        torch.device(arguments.device)
+    except RuntimeError as error:
+        compare.error(f"--device: {error}")
     workload_names = list(WORKLOADS) if arguments.workload == "all" else [arguments.workload]
     _require(
         _PLOTS
@@ -118,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             compare.error(str(error))
         except ImportError:  # torchjd's NashMTL without its solver
             _exit_missing(["cvxpy"], for_what=" for NashMTL")
+        labels = [method.label for method in methods[workload.name]]
+        if len(set(labels)) < len(labels):
+            compare.error(f"--methods names one method twice: {', '.join(labels)}")
 
     jobs = _jobs(methods, arguments)
     start = time.perf_counter()
@@ -150,10 +157,8 @@ def _require(modules: dict[str, str]) -> None:
 
 
 def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ValueError:  # a module set to None in sys.modules, as Python's import system allows
-        return False
+    # Finds the module without importing it (None also where sys.modules blocks it with None).
+    return importlib.util.find_spec(module) is not None
 
 
 def _exit_missing(packages: Sequence[str], for_what: str = "") -> NoReturn:

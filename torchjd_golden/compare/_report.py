@@ -71,10 +71,6 @@ class Summary:
     per_seed: dict[str, list[float]]
     """Every reported quantity, one value per seed, for ``runs.csv``."""
 
-    @property
-    def collapsed(self) -> bool:
-        return self.largest_weight is not None and self.largest_weight.mean >= COLLAPSE_WEIGHT
-
 
 def delta_m(metrics: dict[str, float], baseline: dict[str, float], tasks: Sequence[Task]) -> float:
     r"""
@@ -245,24 +241,23 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "for the baselines, one step of each of their networks.",
         "",
     ]
-    by_label: dict[str, list[Summary]] = {}
+    configured: dict[str, list[tuple[str, Method]]] = {}  # label: (workload, method) pairs
     for s in summaries:
         if s.method is not None:
-            by_label.setdefault(s.label, []).append(s)
-    for label, rows in by_label.items():
-        method = rows[0].method
-        assert method is not None
-        reprs = {repr(s.method.aggregator) for s in rows if s.method is not None}
-        if len(reprs) == 1:
-            configured = f"`{reprs.pop()}`"
-        else:
-            configured = ", ".join(
-                f"`{s.method.aggregator!r}` ({s.workload.name})" for s in rows if s.method
-            )
-        optimizer = ""
-        if method.settings.adam_betas != ADAM_BETAS:
-            optimizer = f"; Adam betas={method.settings.adam_betas}"
-        lines.append(f"- {label}: {configured}{optimizer}. Source: {method.settings.source}")
+            configured.setdefault(s.label, []).append((s.workload.name, s.method))
+    for label, pairs in configured.items():
+        settings = pairs[0][1].settings
+        reprs = [f"`{method.aggregator!r}`" for _, method in pairs]
+        if len(set(reprs)) > 1:  # settings that depend on the workload
+            reprs = [
+                f"{text} ({workload})" for text, (workload, _) in zip(reprs, pairs, strict=True)
+            ]
+        optimizer = (
+            "" if settings.adam_betas == ADAM_BETAS else f"; Adam betas={settings.adam_betas}"
+        )
+        lines.append(
+            f"- {label}: {', '.join(dict.fromkeys(reprs))}{optimizer}. Source: {settings.source}"
+        )
     return "\n".join(lines)
 
 
@@ -291,14 +286,16 @@ def headline_check(summaries: Sequence[Summary]) -> str | None:
 def _collapse_notes(summaries: Sequence[Summary]) -> list[str]:
     notes = []
     for s in summaries:
-        if not s.collapsed or s.method is None or s.weights is None:
+        if s.method is None or s.weights is None or s.largest_weight is None:
+            continue  # the baselines
+        if s.largest_weight.mean < COLLAPSE_WEIGHT:
             continue
         settled = s.weights[:, s.weights.shape[1] // 2 :].mean(dim=(0, 1))
         task = s.workload.tasks[int(settled.argmax())].name
         reason = s.method.settings.collapse_reason or "its weighting rule drives it there."
         notes.append(
             f"{s.label} collapses onto {task!r} on {s.workload.name} (largest weight "
-            f"{s.largest_weight.mean:.2f}): {reason}"  # type: ignore[union-attr]
+            f"{s.largest_weight.mean:.2f}): {reason}"
         )
     return notes
 
