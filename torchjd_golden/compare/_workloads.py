@@ -106,7 +106,14 @@ def digits(seed: int) -> Workload:
     labels = torch.tensor(data.target, dtype=torch.float32)
     targets = torch.stack([labels, labels.remainder(2.0), labels], dim=1)
     tasks = (Task("class", "multiclass", 10), Task("parity", "binary"), Task("size", "regression"))
-    return _split("digits", "sklearn digits: class, parity, size", tasks, inputs, targets, seed)
+    return _split(
+        "digits",
+        "scikit-learn's 8x8 digits as class, parity and size",
+        tasks,
+        inputs,
+        targets,
+        seed,
+    )
 
 
 WORKLOADS = {"synthetic": synthetic, "digits": digits}
