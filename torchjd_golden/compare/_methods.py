@@ -11,7 +11,7 @@ from typing import Any
 
 from torchjd.aggregation import Aggregator
 
-from .._config import aggregator_from_config
+from .. import aggregator_from_config
 from ._workloads import Workload
 
 ADAM_BETAS = (0.9, 0.999)
