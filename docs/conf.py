@@ -6,6 +6,7 @@ import torchjd_golden
 
 project = "torchjd-golden"
 author = "torchjd-golden developers"
+copyright = author  # the footer says "Copyright © torchjd-golden developers"
 release = version = torchjd_golden.__version__
 
 extensions = [
@@ -13,6 +14,8 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    # MathJax from the site's own _static/ folder, not a CDN: the maths renders offline.
+    "sphinx-mathjax-offline",
 ]
 exclude_patterns = ["_build"]
 html_theme = "furo"

@@ -110,3 +110,19 @@ def test_the_sphinx_site_builds_without_warnings(builder: str, tmp_path: Path) -
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    if builder == "html":
+        _assert_renders_offline(tmp_path)
+
+
+def _assert_renders_offline(site: Path) -> None:
+    """The maths comes from the site's own MathJax, no page loads a CDN, the footer names us."""
+
+    pages = {path: path.read_text() for path in site.rglob("*.html")}
+    for path, page in pages.items():
+        assert not re.search(r"<script[^>]*src=\"https?://", page), path
+        assert "cdn.jsdelivr.net" not in page, path
+    maths = pages[site / "api" / "golden_pendulum.html"]
+    assert '<script defer="defer" src="../_static/mathjax/tex-chtml.js">' in maths
+    assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
+    assert (site / "_static" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+    assert "Copyright &#169; torchjd-golden developers" in pages[site / "index.html"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torchjd_golden._workloads import WORKLOADS, Task, digits, synthetic
+from torchjd_golden.compare._workloads import WORKLOADS, Task, digits, synthetic
 
 
 def test_synthetic_losses_differ_by_about_300x_at_initialisation() -> None:

@@ -1,5 +1,5 @@
 """``python -m torchjd_golden compare ...``: the same as the ``torchjd-golden`` command."""
 
-from ._cli import main
+from .compare import main
 
 raise SystemExit(main())

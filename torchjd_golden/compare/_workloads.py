@@ -51,6 +51,11 @@ class Workload:
     test_inputs: Tensor
     test_targets: Tensor
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """The number of batches of ``batch_size`` in one pass over the training set."""
+
+        return max(1, self.train_inputs.shape[0] // batch_size)
+
 
 def synthetic(seed: int) -> Workload:
     """
@@ -101,7 +106,14 @@ def digits(seed: int) -> Workload:
     labels = torch.tensor(data.target, dtype=torch.float32)
     targets = torch.stack([labels, labels.remainder(2.0), labels], dim=1)
     tasks = (Task("class", "multiclass", 10), Task("parity", "binary"), Task("size", "regression"))
-    return _split("digits", "sklearn digits: class, parity, size", tasks, inputs, targets, seed)
+    return _split(
+        "digits",
+        "scikit-learn's 8x8 digits as class, parity and size",
+        tasks,
+        inputs,
+        targets,
+        seed,
+    )
 
 
 WORKLOADS = {"synthetic": synthetic, "digits": digits}

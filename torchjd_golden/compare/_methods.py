@@ -1,0 +1,135 @@
+"""
+The settings each method is compared with: its hyper-parameters, the optimizer paired with it,
+and where each choice comes from, so that the report can print them under its tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torchjd.aggregation import Aggregator
+
+from .. import aggregator_from_config
+from ._workloads import Workload
+
+ADAM_BETAS = (0.9, 0.999)
+"""PyTorch's default Adam moments, used for every method unless its settings say otherwise."""
+
+LEARNING_RATE = 3e-3
+BATCH_SIZE = 64
+
+DEFAULT_METHODS = ("golden_pendulum", "gaba", "excess_mtl", "gcond", "mean", "upgrad", "nash_mtl")
+
+NASH_MTL_UPDATE_EVERY = 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one method is run and why: the keywords that differ from its class's defaults."""
+
+    source: str
+    """Where the hyper-parameters come from, in one sentence for the report's footnote."""
+
+    keywords: Callable[[Workload, int], dict[str, Any]] = lambda _workload, _steps: {}
+    """The constructor keywords for a workload and a number of training steps."""
+
+    adam_betas: tuple[float, float] = ADAM_BETAS
+    label_suffix: str = ""
+    """Added to the method's name in the tables, for a setting a reader must see there."""
+
+    collapse_reason: str | None = None
+    """Why the method may still put nearly all its weight on one task, in one sentence."""
+
+    slow: bool = False
+    """Whether its runs take several times longer than the others' (they are started first)."""
+
+
+def _excess_mtl_keywords(workload: Workload, steps: int) -> dict[str, Any]:
+    # Three epochs of statistics as the paper asks, but at most half the run, so that a short
+    # run still shows the method's own weights.
+    warmup = min(3 * workload.steps_per_epoch(BATCH_SIZE), steps // 2)
+    return {"robust_step_size": 0.01, "n_warmup_steps": warmup}
+
+
+def _nash_mtl_keywords(workload: Workload, steps: int) -> dict[str, Any]:
+    return {"n_tasks": len(workload.tasks), "update_weights_every": NASH_MTL_UPDATE_EVERY}
+
+
+SETTINGS: dict[str, Settings] = {
+    "GoldenPendulum": Settings(
+        "the defaults of golden-pendulum-mtl 0.2.0's golden_nash_backward, the paper's settings."
+    ),
+    "AdaptiveGoldenPendulum": Settings(
+        "the defaults of golden_pendulum.pro.AdaptiveLambda (golden-pendulum-mtl 0.2.0); it is "
+        "given each step's losses."
+    ),
+    "GABA": Settings("the defaults of the reference GABALoss (GRACE paper)."),
+    "ExcessMTL": Settings(
+        "robust_step_size=0.01 is LibMTL's default for ExcessMTL (torchjd's 1.0 moves every "
+        "weight by up to e per step); the warm-up collects statistics for 3 epochs as the paper "
+        "(Appendix C.1) and torchjd's docs recommend, at most half the run.",
+        keywords=_excess_mtl_keywords,
+        collapse_reason=(
+            "ExcessMTL multiplies each weight by exp(step size x excess risk) every step, so a "
+            "task whose excess-risk estimate stays above the others' takes all the weight "
+            "exponentially fast."
+        ),
+    ),
+    "GCond": Settings(
+        "the official constructor's defaults; GCond's bias-corrected momentum (0.85) is the only "
+        "first moment: Adam runs with betas=(0.0, 0.95), as the official README pairs it with "
+        "AdamW(betas=(0.0, 0.95)).",
+        adam_betas=(0.0, 0.95),
+    ),
+    "Mean": Settings("no hyper-parameters."),
+    "UPGrad": Settings("torchjd's defaults."),
+    "NashMTL": Settings(
+        f"update_weights_every={NASH_MTL_UPDATE_EVERY} is the speed knob of the authors' code "
+        "(--update-weights-every, default 1): the convex solve runs every "
+        f"{NASH_MTL_UPDATE_EVERY} steps, the weights are reused in between; max_norm=1.0 and "
+        "optim_niter=20 are its defaults.",
+        keywords=_nash_mtl_keywords,
+        label_suffix=f" (solve every {NASH_MTL_UPDATE_EVERY} steps)",
+        slow=True,
+    ),
+}
+
+_UNLISTED = Settings("its class's defaults (not tuned here).")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method ready to train: a fresh aggregator, its settings and the label of its row."""
+
+    name: str
+    """The name it was asked for, as ``aggregator_from_config`` reads it."""
+
+    label: str
+    aggregator: Aggregator
+    settings: Settings
+
+
+def build_method(name: str, workload: Workload, steps: int) -> Method:
+    """
+    A fresh aggregator for ``name`` (any :func:`~torchjd_golden.aggregator_from_config` name)
+    with its comparison settings for ``workload`` and a run of ``steps`` steps.
+
+    :raises ValueError: For a name ``aggregator_from_config`` does not know.
+    :raises ImportError: For a method whose optional dependencies are missing (NashMTL).
+    """
+
+    plain = _construct(name, {}, n_tasks=len(workload.tasks))
+    settings = SETTINGS.get(type(plain).__name__, _UNLISTED)
+    keywords = settings.keywords(workload, steps)
+    aggregator = _construct(name, keywords, n_tasks=len(workload.tasks)) if keywords else plain
+    return Method(name, str(aggregator) + settings.label_suffix, aggregator, settings)
+
+
+def _construct(name: str, keywords: dict[str, Any], n_tasks: int) -> Aggregator:
+    try:
+        return aggregator_from_config({"name": name, **keywords})
+    except TypeError:
+        # A constructor with a required argument: torchjd's NashMTL needs its number of tasks.
+        return aggregator_from_config({"name": name, "n_tasks": n_tasks, **keywords})

@@ -1,0 +1,231 @@
+"""
+The figures of ``torchjd-golden compare``: one per workload (task weights and training losses of
+every method) and a compact one of the task weights on the synthetic workload, for the README.
+Every curve is the mean over seeds of a moving average, with the range over seeds as a band; a
+task has the same colour in every panel and figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._report import PAPER_WORKLOAD, Summary
+
+SMOOTHING = 10
+"""Window, in steps, of the trailing moving average of every curve."""
+
+COLUMNS = 4
+COMPACT_WIDTH_INCHES = 8.0
+COMPACT_DPI = 150
+
+
+def write_plots(summaries: Sequence[Summary], directory: Path) -> list[Path]:
+    """
+    ``<workload>.png`` for each workload and, when the synthetic workload was run,
+    ``summary.png`` (its task weights, 1200 px wide, legible at 800 px). Needs matplotlib.
+    """
+
+    plt = _pyplot()
+    paths = []
+    for workload in dict.fromkeys(s.workload.name for s in summaries):
+        rows = [s for s in summaries if s.workload.name == workload]
+        figure = _workload_figure(plt, rows)
+        paths.append(directory / f"{workload}.png")
+        figure.savefig(paths[-1], dpi=100)
+        plt.close(figure)
+        if workload == PAPER_WORKLOAD:
+            figure = _compact_figure(plt, rows)
+            paths.append(directory / "summary.png")
+            figure.savefig(paths[-1], dpi=COMPACT_DPI)
+            plt.close(figure)
+    return paths
+
+
+def _pyplot() -> Any:
+    import matplotlib as mpl  # noqa: PLC0415 - an optional dependency
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def _workload_figure(plt: Any, rows: Sequence[Summary]) -> Any:
+    """Per method, its task weights above its training losses; methods in rows of four."""
+
+    baseline = next(s for s in rows if s.method is None)
+    methods = [s for s in rows if s.method is not None]
+    tasks = baseline.workload.tasks
+    columns = min(COLUMNS, len(methods))
+    pairs = math.ceil(len(methods) / columns)
+    figure = plt.figure(figsize=(3.0 * columns, 4.4 * pairs + 0.8))
+    # Each method's two panels touch; a spacer row leaves room for the next method's title.
+    heights = [1.0, 1.0, 0.32] * pairs
+    grid = figure.add_gridspec(
+        3 * pairs - 1, columns, height_ratios=heights[:-1], hspace=0.08, wspace=0.1
+    )
+    losses = torch.cat([s.losses.flatten() for s in rows])
+    loss_limits = (float(losses.min().clamp(min=1e-4)) / 1.5, float(losses.max()) * 1.5)
+    first_weight, first_loss = None, None
+    for index, summary in enumerate(methods):
+        row, column = 3 * (index // columns), index % columns
+        weight_axis = figure.add_subplot(grid[row, column], sharey=first_weight)
+        loss_axis = figure.add_subplot(grid[row + 1, column], sharex=weight_axis, sharey=first_loss)
+        first_weight, first_loss = first_weight or weight_axis, first_loss or loss_axis
+        assert summary.weights is not None
+        for k in range(len(tasks)):
+            _mean_and_band(weight_axis, summary.weights[:, :, k], f"C{k}")
+            _mean_and_band(loss_axis, summary.losses[:, :, k], f"C{k}")
+        _note_equal_weights(weight_axis, summary.weights)
+        weight_axis.set_title(summary.label, fontsize=10)
+        weight_axis.set_ylim(0.0, 1.0)
+        weight_axis.tick_params(labelbottom=False)
+        loss_axis.set_yscale("log")
+        loss_axis.set_ylim(*loss_limits)
+        loss_axis.set_xlabel("training step", fontsize=9)
+        if column == 0:
+            weight_axis.set_ylabel("task weight", fontsize=9)
+            loss_axis.set_ylabel("training loss", fontsize=9)
+        else:
+            weight_axis.tick_params(labelleft=False)
+            loss_axis.tick_params(labelleft=False)
+        for axis in (weight_axis, loss_axis):
+            _style(axis)
+    handles = [plt.Line2D([], [], color=f"C{k}", linewidth=2) for k in range(len(tasks))]
+    figure.legend(
+        handles,
+        [f"{t.name} ({t.metric})" for t in tasks],
+        loc="upper center",
+        ncol=len(tasks),
+        fontsize=10,
+        frameon=False,
+        bbox_to_anchor=(0.5, 1.0),
+    )
+    figure.suptitle(
+        f"{baseline.workload.name}: {baseline.workload.description}. Mean over seeds "
+        f"{', '.join(map(str, baseline.seeds))} of a {SMOOTHING}-step moving average; "
+        "band: range over seeds",
+        fontsize=9,
+        y=1.0 - 0.33 / figure.get_figheight(),
+    )
+    figure.subplots_adjust(
+        top=1.0 - 0.8 / figure.get_figheight(),
+        bottom=0.5 / figure.get_figheight(),
+        left=0.07,
+        right=0.98,
+    )
+    return figure
+
+
+def _compact_figure(plt: Any, rows: Sequence[Summary]) -> Any:
+    """The task weights of every method on the synthetic workload, for the README."""
+
+    methods = [s for s in rows if s.method is not None]
+    tasks = rows[0].workload.tasks
+    columns = min(COLUMNS, len(methods) + 1)
+    lines = math.ceil((len(methods) + 1) / columns)  # one cell for the legend
+    width = COMPACT_WIDTH_INCHES
+    figure, axes = plt.subplots(
+        lines,
+        columns,
+        figsize=(width, 2.2 * lines + 0.3),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
+    )
+    cells = [axis for line in axes for axis in line]
+    for axis, summary in zip(cells, methods, strict=False):
+        assert summary.weights is not None
+        assert summary.method is not None
+        for k in range(len(tasks)):
+            _mean_and_band(axis, summary.weights[:, :, k], f"C{k}")
+        _note_equal_weights(axis, summary.weights)
+        balance = "" if summary.balance is None else f" · balance {summary.balance.mean:.2f}"
+        axis.set_title(f"{summary.method.aggregator}{balance}", fontsize=9)
+        axis.set_ylim(0.0, 1.0)
+        _style(axis)
+    for index, axis in enumerate(cells[: len(methods)]):
+        if index % columns == 0:
+            axis.set_ylabel("task weight", fontsize=9)
+        if index + columns >= len(methods):  # no method below it
+            axis.set_xlabel("training step", fontsize=9)
+            axis.tick_params(labelbottom=True)
+    legend_axis = cells[len(methods)]
+    legend_axis.axis("off")
+    handles = [plt.Line2D([], [], color=f"C{k}", linewidth=2.5) for k in range(len(tasks))]
+    legend_axis.legend(
+        handles,
+        [t.name for t in tasks],
+        loc="center",
+        fontsize=9,
+        frameon=False,
+        title=f"{rows[0].workload.name}, {_count(len(rows[0].seeds), 'seed')}",
+        title_fontsize=9,
+    )
+    for axis in cells[len(methods) + 1 :]:
+        axis.set_visible(False)
+    return figure
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _mean_and_band(axis: Any, curves: Tensor, colour: str) -> None:
+    """``curves``: seeds x steps. The mean of the smoothed curves and their range."""
+
+    smoothed = torch.stack([_smooth(curve) for curve in curves])
+    steps = torch.arange(1, smoothed.shape[1] + 1)
+    axis.fill_between(
+        steps.numpy(),
+        smoothed.min(dim=0).values.numpy(),
+        smoothed.max(dim=0).values.numpy(),
+        color=colour,
+        alpha=0.2,
+        linewidth=0,
+    )
+    axis.plot(steps.numpy(), smoothed.mean(dim=0).numpy(), color=colour, linewidth=1.4)
+
+
+def _note_equal_weights(axis: Any, weights: Tensor) -> None:
+    """Says so where every task has the same weight throughout: the curves then hide each other."""
+
+    if torch.allclose(weights, torch.full_like(weights, 1.0 / weights.shape[-1]), atol=1e-3):
+        axis.text(
+            0.5,
+            0.62,
+            "equal weights:\nthe curves overlap",
+            transform=axis.transAxes,
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="0.3",
+        )
+
+
+def _style(axis: Any) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415 - optional
+
+    if axis.get_yscale() == "log":
+        # Decades as plain numbers (0.1, 1, 10): easier to read, and much faster to draw, than
+        # typeset powers of ten. Minor labels would be as large as these; the decades suffice.
+        axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.yaxis.set_minor_formatter(NullFormatter())
+    axis.tick_params(labelsize=8)
+    axis.grid(alpha=0.3, linewidth=0.5)
+
+
+def _smooth(values: Tensor, window: int = SMOOTHING) -> Tensor:
+    """A trailing moving average, for readable curves."""
+
+    cumulative = torch.cat([torch.zeros(1), values.double().cumsum(0)])
+    counts = torch.arange(1, values.numel() + 1).clamp(max=window)
+    ends = torch.arange(1, values.numel() + 1)
+    return ((cumulative[ends] - cumulative[ends - counts]) / counts).float()
