@@ -114,29 +114,31 @@ def gramian_and_cross_products(
     matrix: Tensor, store: Tensor, previous_half: Tensor
 ) -> tuple[Tensor, Tensor]:
     r"""
-    Returns :math:`G = J J^\top` and :math:`Y = J J_{prev}^\top`, and copies :math:`J` into the
-    half of ``store`` (shape ``[2m, n]``) that does not hold :math:`J_{prev}`; ``previous_half``
-    (0 or 1, a tensor) tells which half does. Both products are in :func:`accumulation_dtype`.
+    Returns :math:`G = J J^\top` and :math:`Y = J H_{prev}^\top`, and copies :math:`J` (``m``
+    rows) into the first rows of the half of ``store`` (shape ``[2R, n]``, :math:`R \geq m`) that
+    does not hold :math:`H_{prev}`; ``previous_half`` (0 or 1, a tensor) tells which half does.
+    Both products are in :func:`accumulation_dtype`; :math:`Y` has a column per row of the half.
 
     Both products come from :math:`J\,[H_0; H_1]^\top`, computed over chunks of columns: each
     chunk of :math:`J` is read once, copied and multiplied while in cache, so the pass streams
     :math:`J` once. The rows to write are chosen by tensor indexing: nothing synchronises with
-    the host, and the caller keeps :math:`J_{prev}` for a non-finite step by not flipping
+    the host, and the caller keeps :math:`H_{prev}` for a non-finite step by not flipping
     ``previous_half``.
     """
 
     m, n = matrix.shape
+    half = store.shape[0] // 2
     dtype = accumulation_dtype(matrix.dtype)
     rows = torch.arange(m, device=matrix.device)
-    scratch_rows = torch.where(previous_half == 0, rows + m, rows)
-    products = torch.zeros(m, 2 * m, dtype=dtype, device=matrix.device)
-    width = max(1, _STREAM_CHUNK // m)
+    scratch_rows = torch.where(previous_half == 0, rows + half, rows)
+    products = torch.zeros(m, 2 * half, dtype=dtype, device=matrix.device)
+    width = max(1, _STREAM_CHUNK // half)
     for start in range(0, n, width):
         block = matrix[:, start : start + width]
         halves = store[:, start : start + width]
         halves.index_copy_(0, scratch_rows, block)
         products.addmm_(block.to(dtype), halves.to(dtype).T)
-    first, second = products[:, :m], products[:, m:]
-    gramian = torch.where(previous_half == 0, second, first)
+    first, second = products[:, :half], products[:, half:]
+    gramian = torch.where(previous_half == 0, second, first)[:, :m]
     cross = torch.where(previous_half == 0, first, second)
     return gramian, cross
