@@ -462,6 +462,3 @@ class AdaptiveGoldenPendulum(GramianAggregator, Stateful, NonDifferentiable):
     def reset(self) -> None:
         """Restores the initial state of the weighting, :math:`\\lambda` included."""
         self.gramian_weighting.reset()
-
-    def __repr__(self) -> str:
-        return repr(self.gramian_weighting).replace("Weighting", "", 1)

@@ -35,8 +35,29 @@ class GramianAggregator(GramianWeightedAggregator):
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
         return combine_rows(weights, matrix)
 
+    def __repr__(self) -> str:
+        return _with_parameters_of(self, self.gramian_weighting)
+
     def __str__(self) -> str:
         return self.__class__.__name__
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Checkpoints written before 0.2 list the weighting's state twice, the second time under
+        # the composition's prefix: the copy under gramian_weighting is the one loaded.
+        for key in [k for k in state_dict if k.startswith(prefix + "weighting.weighting.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class MatrixAggregator(WeightedAggregator):
@@ -48,6 +69,18 @@ class MatrixAggregator(WeightedAggregator):
     @staticmethod
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
         return combine_rows(weights, matrix)
+
+    def __repr__(self) -> str:
+        return _with_parameters_of(self, self.weighting)
+
+
+def _with_parameters_of(aggregator: Aggregator, weighting: Weighting[Any]) -> str:
+    """The aggregator's class name with the parameters its weighting's repr shows."""
+
+    weighting_repr = repr(weighting)
+    start = weighting_repr.find("(")
+    parameters = weighting_repr[start:] if start >= 0 else "()"
+    return f"{type(aggregator).__name__}{parameters}"
 
 
 def _checked_call(aggregator: Aggregator, matrix: Tensor) -> Tensor:

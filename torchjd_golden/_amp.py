@@ -51,10 +51,40 @@ def with_grad_scaler(aggregator: Aggregator, scaler: GradScaler) -> Aggregator:
 
     forward = type(aggregator).forward
     if isinstance(aggregator, GramianWeightedAggregator) and forward is WeightedAggregator.forward:
-        return GramianAggregator(UnscaledWeighting(aggregator.gramian_weighting, scaler, power=2))
+        weighting = UnscaledWeighting(aggregator.gramian_weighting, scaler, power=2)
+        return _ScaledGramianAggregator(weighting, aggregator)
     if isinstance(aggregator, WeightedAggregator) and forward is WeightedAggregator.forward:
-        return MatrixAggregator(UnscaledWeighting(aggregator.weighting, scaler, power=1))
+        weighting = UnscaledWeighting(aggregator.weighting, scaler, power=1)
+        return _ScaledMatrixAggregator(weighting, aggregator)
     return UnscaledAggregator(aggregator, scaler)
+
+
+class _NamedAfterTheWrapped:
+    """``repr``: the ``with_grad_scaler`` call that made the aggregator; ``str``: the wrapped's."""
+
+    _wrapped_repr: str
+    _wrapped_str: str
+
+    def _name_after(self, aggregator: Aggregator) -> None:
+        self._wrapped_repr, self._wrapped_str = repr(aggregator), str(aggregator)
+
+    def __repr__(self) -> str:
+        return f"with_grad_scaler({self._wrapped_repr})"
+
+    def __str__(self) -> str:
+        return self._wrapped_str
+
+
+class _ScaledGramianAggregator(_NamedAfterTheWrapped, GramianAggregator):
+    def __init__(self, weighting: UnscaledWeighting, aggregator: Aggregator) -> None:
+        super().__init__(weighting)
+        self._name_after(aggregator)
+
+
+class _ScaledMatrixAggregator(_NamedAfterTheWrapped, MatrixAggregator):
+    def __init__(self, weighting: UnscaledWeighting, aggregator: Aggregator) -> None:
+        super().__init__(weighting)
+        self._name_after(aggregator)
 
 
 def _current_scale(scaler: GradScaler, like: Tensor) -> Tensor | None:
@@ -80,18 +110,16 @@ class UnscaledWeighting(Weighting[Any]):
         return f"{self.__class__.__name__}({self.weighting!r})"
 
 
-class UnscaledAggregator(Aggregator):
+class UnscaledAggregator(_NamedAfterTheWrapped, Aggregator):
     """An aggregator of a scaled Jacobian :math:`sJ` that returns :math:`s A(sJ / s)`."""
 
     def __init__(self, aggregator: Aggregator, scaler: GradScaler) -> None:
         super().__init__()
         self.aggregator, self.scaler = aggregator, scaler
+        self._name_after(aggregator)
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         scale = _current_scale(self.scaler, matrix)
         if scale is None:
             return self.aggregator(matrix)
         return scale * self.aggregator(matrix / scale)
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.aggregator!r})"

@@ -593,9 +593,6 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
         """See :meth:`DynamicKWeighting.reset`."""
         self.gramian_weighting.reset()
 
-    def __repr__(self) -> str:
-        return repr(self.gramian_weighting).replace("Weighting", "", 1)
-
 
 def _needed_gramian(weighting: DynamicKWeighting, matrix: Matrix) -> PSDMatrix:
     """The Gramian of ``matrix`` with only the blocks ``weighting`` reads (zeros elsewhere)."""

@@ -271,6 +271,3 @@ class ExcessMTL(MatrixAggregator, Stateful, NonDifferentiable):
     def reset(self) -> None:
         """Frees the accumulated squares; the next call starts from uniform weights and warm-up."""
         self.weighting.reset()
-
-    def __repr__(self) -> str:
-        return repr(self.weighting).replace("Weighting", "", 1)

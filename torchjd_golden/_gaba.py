@@ -184,6 +184,3 @@ class GABA(GramianAggregator, Stateful, NonDifferentiable):
     def reset(self) -> None:
         """Restores the uniform moving average and the step counter of the weighting."""
         self.gramian_weighting.reset()
-
-    def __repr__(self) -> str:
-        return repr(self.gramian_weighting).replace("Weighting", "", 1)

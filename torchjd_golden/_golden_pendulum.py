@@ -246,6 +246,3 @@ class GoldenPendulum(GramianAggregator, NonDifferentiable):
     tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
         GoldenPendulumWeighting.tasks
     )
-
-    def __repr__(self) -> str:
-        return repr(self.gramian_weighting).replace("Weighting", "", 1)

@@ -11,7 +11,6 @@ exactly like torchjd's own (same ``__call__`` signature and hooks, no graph).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
 
 from torchjd.aggregation import Weighting
 from torchjd.aggregation._mixins import _NonDifferentiable
@@ -35,6 +34,13 @@ def weighting_of_matrix(
     The weighting of the Jacobian that applies ``gramian_weighting`` to ``gramian_of(J)``: what a
     ``GramianWeightedAggregator`` stores as its ``weighting`` (torchjd composes it with its own
     Gramian function; ours accumulates half-precision input in float32).
+
+    The Gramian weighting is not registered as a submodule of the composition: the aggregator
+    registers it already (as ``gramian_weighting``), and its state would otherwise be listed twice
+    in the aggregator's ``state_dict``.
     """
 
-    return cast(Weighting[Matrix], gramian_weighting << gramian_of)
+    composition = gramian_weighting << gramian_of
+    del composition._modules["weighting"]
+    object.__setattr__(composition, "weighting", gramian_weighting)
+    return composition
