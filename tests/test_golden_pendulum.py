@@ -242,3 +242,14 @@ def test_adaptive_with_one_task_leaves_the_state_alone() -> None:
     weighting = AdaptiveGoldenPendulumWeighting()
     assert torch.equal(weighting(torch.eye(1)), torch.ones(1))
     assert not weighting.state_dict()["step_count"].numel()
+
+
+def test_no_floor_is_accepted_and_matches_the_reference() -> None:
+    """min_weight_fraction=0 (no floor), which golden-pendulum-mtl accepts, gives its numbers."""
+
+    for seed in range(4):
+        jacobian = conflicting_jacobian(6, 40, seed=seed, decades=3.0)
+        expected_gradient, expected_alpha = reference_gradient(jacobian, min_weight_fraction=0.0)
+        aggregator = GoldenPendulum(min_weight_fraction=0.0)
+        assert relative_error(aggregator(jacobian), expected_gradient) < 1e-8
+        assert relative_error(aggregator.alpha, expected_alpha) < 1e-8

@@ -207,6 +207,25 @@ def test_golden_qp_matches_the_golden_pendulum_reference(
     assert_close(alpha, expected, rtol=1e-12, atol=1e-15)
 
 
+def test_golden_qp_without_floor_skips_a_step_that_would_zero_every_weight(
+    solver_path: str,
+) -> None:
+    """
+    Sixteen aligned gradients and uniform targets: the first step takes every alpha_k below zero
+    (1/16 - 0.05 * 2 < 0). The reference then divides zero by zero; here that step is skipped,
+    and the later ones, with smaller steps, proceed.
+    """
+
+    gramian = torch.ones(16, 16, dtype=torch.float64)
+    targets = torch.full((16,), 1.0 / 16, dtype=torch.float64)
+    reference = _solve_golden_qp(gramian, targets, lam=0.0, n_iter=25, min_weight_fraction=0.0)
+    assert reference.isnan().all()
+    assert_close(solve_golden_qp(gramian, targets, 0.0, 1, 0.0), targets)  # skipped
+    alpha = solve_golden_qp(gramian, targets, 0.0, 25, 0.0)
+    assert alpha.isfinite().all()
+    assert float(alpha.sum()) == pytest.approx(1.0)
+
+
 # The choice of path.
 
 

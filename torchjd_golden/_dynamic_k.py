@@ -273,9 +273,7 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
 
     @min_weight_fraction.setter
     def min_weight_fraction(self, value: float) -> None:
-        self._min_weight_fraction = check_real(
-            "min_weight_fraction", value, low=0.0, high=1.0, low_open=True
-        )
+        self._min_weight_fraction = check_real("min_weight_fraction", value, low=0.0, high=1.0)
 
     @property
     def pcgrad(self) -> bool:

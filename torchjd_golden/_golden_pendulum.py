@@ -100,9 +100,7 @@ class GoldenPendulumParameters:
 
     @min_weight_fraction.setter
     def min_weight_fraction(self, value: float) -> None:
-        self._min_weight_fraction = check_real(
-            "min_weight_fraction", value, low=0.0, high=1.0, low_open=True
-        )
+        self._min_weight_fraction = check_real("min_weight_fraction", value, low=0.0, high=1.0)
 
     @property
     def pcgrad(self) -> bool:
@@ -146,7 +144,8 @@ class GoldenPendulumWeighting(
     :param lam: Strength :math:`\lambda \geq 0` of the pull towards the golden targets.
     :param n_iter: Number of projected-gradient steps.
     :param min_weight_fraction: Floor of every :math:`\alpha_k`, as a fraction of :math:`1/m`,
-        in :math:`(0, 1]`.
+        in :math:`[0, 1]` (0: no floor; should a step then clamp every :math:`\alpha_k` to
+        zero, :math:`\alpha` keeps its previous value, where the reference divides by zero).
     :param pcgrad: Whether to resolve conflicts with PCGrad.
     """
 

@@ -31,7 +31,9 @@ def solve_golden_qp(
     Step :math:`t` is :math:`\alpha \leftarrow \alpha - \eta_t (2 \hat G \alpha + \lambda\,
     \mathrm{sign}(\alpha - \alpha^\varphi))` with :math:`\eta_t = 0.05 / (1 + 0.1 t)`, followed by
     a clamp at ``min_weight`` and a renormalisation, as in golden-pendulum-mtl's
-    ``_solve_golden_qp``. A NaN anywhere propagates to :math:`\alpha`.
+    ``_solve_golden_qp``. With ``min_weight = 0`` a step can clamp every weight to zero: it is then
+    skipped (:math:`\alpha` keeps its value) where the reference divides zero by zero. A NaN
+    anywhere propagates to :math:`\alpha`.
 
     :param normalized_gramian: :math:`\hat G`, shape ``[m, m]``.
     :param targets: :math:`\alpha^\varphi`, shape ``[m]``.
@@ -56,8 +58,9 @@ def solve_golden_qp(
     for t in range(n_iter):
         step = 0.05 / (1.0 + 0.1 * t)
         descent = 2.0 * (gramian @ alpha) + lam * torch.sign(alpha - start)
-        alpha = (alpha - step * descent).clamp(min=min_weight)
-        alpha = alpha / alpha.sum()
+        stepped = (alpha - step * descent).clamp(min=min_weight)
+        total = stepped.sum()
+        alpha = torch.where(total == 0.0, alpha, stepped / total)
     return alpha.to(normalized_gramian.dtype)
 
 
@@ -78,8 +81,10 @@ def _golden_qp_on_host(
         pull *= lam
         pull += doubled @ alpha
         pull *= step
-        alpha -= pull
-        np.maximum(alpha, min_weight, out=alpha)
-        alpha /= alpha.sum()
+        np.subtract(alpha, pull, out=pull)
+        np.maximum(pull, min_weight, out=pull)
+        total = pull.sum()
+        if total != 0.0:  # else every weight was clamped to zero: the step is skipped
+            np.divide(pull, total, out=alpha)
     solution: NDArray[np.float64] = alpha
     return solution
