@@ -222,3 +222,51 @@ def test_one_training_script_swaps_methods_by_one_config_line(tmp_path: Path) ->
     for output in outputs:
         first, last = (float(v) for v in output.split("total loss: ")[1].split(" -> "))
         assert last < 0.1 * first
+
+
+@pytest.mark.parametrize("text", ["1e-8", "1E-8", "+1e-8", "2.5e3", "1.0e-8"])
+def test_yaml_reads_exponent_floats_without_a_decimal_point(tmp_path: Path, text: str) -> None:
+    """PyYAML (YAML 1.1) reads 1e-8 as a string: GCond's own default eps would be refused."""
+
+    path = tmp_path / "gcond.yaml"
+    path.write_text(f"name: gcond\neps: {text}\n")
+    assert aggregator_from_config(path).eps == float(text)
+
+
+def test_a_numeric_string_for_a_real_parameter_says_how_to_write_it() -> None:
+    with pytest.raises(ValueError, match=r"`eps` must be a number, not the string '1e-8'.*1\.0e-8"):
+        aggregator_from_config({"name": "gcond", "eps": "1e-8"})
+
+
+@pytest.mark.parametrize(
+    ("typo", "suggestion"),
+    [
+        ("gabaa", "gaba"),
+        ("GAB", "GABA"),
+        ("golden_pendulm", "golden_pendulum"),
+        ("GoldenPendulm", "GoldenPendulum"),
+        ("excess_mt", "excess_mtl"),
+        ("upgard", "upgrad"),
+    ],
+)
+def test_a_typo_gets_the_closest_name_in_the_users_spelling(typo: str, suggestion: str) -> None:
+    with pytest.raises(ValueError, match=f"Unknown aggregator '{typo}'. Did you mean '{suggestion}'"):
+        aggregator_from_config(typo)
+
+
+def test_a_name_far_from_any_gets_no_suggestion() -> None:
+    with pytest.raises(ValueError, match=r"Unknown weighting 'zzzzzzzz'\. Valid names") as info:
+        weighting_from_config("zzzzzzzz")
+    assert "Did you mean" not in str(info.value)
+
+
+def test_an_unknown_kind_is_named() -> None:
+    with pytest.raises(ValueError, match=r"Unknown kind 'aggregatorz'.*aggregator.*weighting"):
+        available_names("aggregatorz")  # type: ignore[arg-type]
+
+
+def test_the_message_for_a_malformed_config_reads_well() -> None:
+    with pytest.raises(ValueError, match="^An aggregator config must be"):
+        aggregator_from_config(3)
+    with pytest.raises(ValueError, match="^A weighting config must be"):
+        weighting_from_config([1])

@@ -5,9 +5,11 @@ node, so that a config file picks the method.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -77,6 +79,8 @@ def available_names(kind: Kind = "aggregator") -> list[str]:
     once, plus the qualified names of the classes another one shadows (``torchjd.ExcessMTL``).
     """
 
+    if kind not in _BASES:
+        raise ValueError(f'Unknown kind {kind!r}: "aggregator" or "weighting".')
     registry = _registry(kind)
     names = set()
     for entry in registry.values():
@@ -116,7 +120,21 @@ def _read_file(path: Path) -> object:
         raise ImportError(
             "Reading a YAML config needs PyYAML: pip install 'torchjd-golden[config]'."
         ) from error
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_yaml_loader(yaml))
+
+
+# PyYAML follows YAML 1.1, where a float needs a decimal point: ``1e-8`` (GCond's own default
+# ``eps``) would be the string "1e-8". YAML 1.2 reads it as a number, and so do we.
+_YAML_12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+@cache
+def _yaml_loader(yaml: Any) -> type:
+    class Loader(yaml.SafeLoader):
+        """PyYAML's safe loader, reading exponent floats without a decimal point as floats."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_12_FLOAT, list("-+0123456789"))
+    return Loader
 
 
 def _parse(kind: Kind, spec: object) -> tuple[str, dict[str, Any]]:
@@ -128,19 +146,38 @@ def _parse(kind: Kind, spec: object) -> tuple[str, dict[str, Any]]:
         if len(names) == 1 and isinstance(names[0], str):
             return names[0], keywords
     raise ValueError(
-        f"A {kind} config must be a name, or a mapping with a `name` (or `_target_`) string and "
-        f"keyword arguments. Found {spec!r}."
+        f"{_article(kind).capitalize()} {kind} config must be a name, or a mapping with a `name` "
+        f"(or `_target_`) string and keyword arguments. Found {spec!r}."
     )
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _lookup(kind: Kind, name: str) -> _Entry:
-    entry = _registry(kind).get(_normalize(kind, name))
+    registry = _registry(kind)
+    entry = registry.get(_normalize(kind, name))
     if entry is None:
+        closest = difflib.get_close_matches(_normalize(kind, name), list(registry), n=1)
+        hint = (
+            f" Did you mean {_spelled_like(name, registry[closest[0]].name)!r}?" if closest else ""
+        )
         raise ValueError(
-            f"Unknown {kind} {name!r}. Valid names (case-insensitive, snake_case accepted): "
-            f"{', '.join(available_names(kind))}."
+            f"Unknown {kind} {name!r}.{hint} Valid names (case-insensitive, snake_case "
+            f"accepted): {', '.join(available_names(kind))}."
         )
     return entry
+
+
+def _spelled_like(typed: str, name: str) -> str:
+    """``name`` (a class name) in the style of what the user ``typed``: snake_case or as is."""
+
+    if typed != typed.lower():
+        return name
+    package, _, short = name.rpartition(".")
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", short).lower()
+    return f"{package.lower()}.{snake}" if package else snake
 
 
 def _prepare_keywords(entry: _Entry, keywords: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,12 @@ def check_real(
     """Returns ``value`` as a float if it is a finite real number in the given interval."""
 
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, str) and _is_number(value):
+        raise ValueError(
+            f"Attribute `{name}` must be a number, not the string {value!r}. (PyYAML reads "
+            "1e-8 without a decimal point as a string; aggregator_from_config reads YAML files "
+            "as numbers, or write 1.0e-8.)"
+        )
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ValueError(
             f"Attribute `{name}` must be a finite real number. Found {name}={value!r}."
@@ -30,6 +36,14 @@ def check_real(
     if too_low or too_high:
         raise ValueError(f"Attribute `{name}` must be in {interval}. Found {name}={value!r}.")
     return number
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def check_int(name: str, value: object, *, low: int = 0) -> int:
