@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from importlib.metadata import EntryPoint, entry_points
@@ -250,7 +251,8 @@ def test_a_numeric_string_for_a_real_parameter_says_how_to_write_it() -> None:
     ],
 )
 def test_a_typo_gets_the_closest_name_in_the_users_spelling(typo: str, suggestion: str) -> None:
-    with pytest.raises(ValueError, match=f"Unknown aggregator '{typo}'. Did you mean '{suggestion}'"):
+    expected = f"Unknown aggregator '{typo}'. Did you mean '{suggestion}'?"
+    with pytest.raises(ValueError, match=re.escape(expected)):
         aggregator_from_config(typo)
 
 
@@ -266,7 +268,7 @@ def test_an_unknown_kind_is_named() -> None:
 
 
 def test_the_message_for_a_malformed_config_reads_well() -> None:
-    with pytest.raises(ValueError, match="^An aggregator config must be"):
+    with pytest.raises(ValueError, match=r"^An aggregator config must be"):
         aggregator_from_config(3)
-    with pytest.raises(ValueError, match="^A weighting config must be"):
+    with pytest.raises(ValueError, match=r"^A weighting config must be"):
         weighting_from_config([1])
