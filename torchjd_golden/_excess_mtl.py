@@ -8,6 +8,7 @@ Reference: He et al., `Robust Multi-Task Learning with Excess Risks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -32,13 +33,24 @@ _CHUNK_ELEMENTS = 1 << 18
 
 
 def accumulate_excess_risks(
-    matrix: Tensor, squared_sum: Tensor, finite: Tensor, rows: Tensor | None = None
+    matrix: Tensor,
+    squared_sum: Tensor,
+    finite: Tensor,
+    scales: Tensor,
+    rescales: Tensor,
+    rows: Tensor | None = None,
 ) -> Tensor:
     r"""
     Adds :math:`J \odot J` to the rows ``rows`` (all when ``None``) of ``squared_sum`` :math:`S`
     in place and returns the excess-risk estimates :math:`\hat E_k = \sum_j J_{kj}^2 /
     \sqrt{S_{kj} + 10^{-7}}` (with the updated :math:`S`), the diagonal-AdaGrad proxy of
     :math:`g_k^\top H_k^{-1} g_k`.
+
+    Row :math:`k` of ``squared_sum`` holds :math:`S_k / \sigma_k^2`, with :math:`\sigma_k` (a
+    power of two, ``scales``, one per row of ``matrix``) large enough that the squares of
+    :math:`J_k / \sigma_k` cannot overflow the state's dtype; the stored row is first multiplied
+    by ``rescales`` :math:`(\sigma^{old}_k / \sigma_k)^2` where :math:`\sigma_k` grew. With
+    :math:`\sigma = 1`, the arithmetic is that of :math:`S` itself.
 
     The columns are processed in chunks, so the only temporaries are two chunk-sized blocks (and,
     for a subset of rows, the chunk of those rows). When ``finite`` (a 0-dim boolean tensor) is
@@ -48,19 +60,38 @@ def accumulate_excess_risks(
     m, n = matrix.shape
     risks = squared_sum.new_zeros(m)
     zero = squared_sum.new_zeros(())
+    inverse_scales = (1.0 / scales).unsqueeze(1)
+    rescales = rescales.unsqueeze(1)
+    eps = (_EPS / scales**2).unsqueeze(1)  # 1e-7 added to S, in the units of S / sigma^2
     width = max(1, _CHUNK_ELEMENTS // max(m, 1))
     for start in range(0, n, width):
-        # A copy in the state's dtype, zero on a non-finite step so that S stays unchanged.
+        # A scaled copy in the state's dtype (never the caller's J: where allocates it), zero on a
+        # non-finite step so that S stays unchanged.
         chunk = matrix[:, start : start + width].to(squared_sum.dtype)
-        gradients = torch.where(finite, chunk, zero)
+        gradients = torch.where(finite, chunk, zero).mul_(inverse_scales)
         columns = squared_sum[:, start : start + width]
         accumulated = columns if rows is None else columns.index_select(0, rows)
-        accumulated.addcmul_(gradients, gradients)
+        accumulated.mul_(rescales).addcmul_(gradients, gradients)
         if rows is not None:
             columns.index_copy_(0, rows, accumulated)
-        inverse_roots = accumulated.add(_EPS).rsqrt_()
+        inverse_roots = accumulated.add(eps).rsqrt_()
         risks += torch.linalg.vecdot(inverse_roots.mul_(gradients), gradients, dim=1)
-    return risks
+    return risks * scales
+
+
+def overflow_free_scales(largest: Tensor, previous: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""
+    The scales :math:`\sigma_k` (powers of two, at least ``previous``) for rows whose largest
+    entries are ``largest``: :math:`|J_k / \sigma_k| < 2^{43}` in float32 (so that a million
+    steps' squares add up below its largest value), i.e. 1 for any gradient below :math:`8.8
+    \cdot 10^{12}`.
+    """
+
+    # 43 in float32 (largest value 2^128): squares below 2^86, a million steps' sum below 2^106.
+    headroom = (math.floor(math.log2(torch.finfo(dtype).max)) - 40) // 2
+    exponents = torch.frexp(largest.to(torch.float64)).exponent.to(torch.float64)
+    needed = torch.exp2((exponents - headroom).clamp(min=0.0)).to(previous.dtype)
+    return torch.maximum(previous, needed)
 
 
 class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable):
@@ -116,14 +147,23 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         "baseline",
         "step_count",
         "task_steps",
+        "sq_grad_scale",
     )
-    _per_task_names = ("sq_grad_sum", "task_weights", "warmup_excess_sum", "baseline", "task_steps")
+    _per_task_names = (
+        "sq_grad_sum",
+        "task_weights",
+        "warmup_excess_sum",
+        "baseline",
+        "task_steps",
+        "sq_grad_scale",
+    )
     sq_grad_sum: Tensor
     task_weights: Tensor
     warmup_excess_sum: Tensor
     baseline: Tensor
     step_count: Tensor
     task_steps: Tensor
+    sq_grad_scale: Tensor
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__()
@@ -159,6 +199,7 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
             "baseline": torch.zeros(m, dtype=dtype, device=device),
             "step_count": torch.zeros((), dtype=torch.int64, device=device),
             "task_steps": torch.zeros(m, dtype=torch.int64, device=device),
+            "sq_grad_scale": torch.ones(m, dtype=dtype, device=device),
         }
 
     def _initial_task_rows(
@@ -173,14 +214,23 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
             "warmup_excess_sum": zeros,
             "baseline": zeros.clone(),
             "task_steps": torch.zeros(count, dtype=torch.int64, device=device),
+            "sq_grad_scale": torch.ones(count, dtype=dtype, device=device),
         }
 
     def forward(self, matrix: Matrix, /) -> Tensor:
         check_input(matrix, self, gramian=False)
         rows = self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
-        # One reduction over J decides, before S is touched, whether this step may change state.
-        finite = torch.isfinite(matrix.sum(dtype=self.sq_grad_sum.dtype))
-        risks = accumulate_excess_risks(matrix.detach(), self.sq_grad_sum, finite, rows)
+        # One reduction over J decides, before S is touched, whether this step may change state
+        # and how much each row's squares must be scaled down to fit S's dtype.
+        largest = torch.linalg.vector_norm(matrix.detach(), ord=torch.inf, dim=1)
+        finite = torch.isfinite(largest).all()
+        previous_scales = self._task_rows("sq_grad_scale", rows)
+        scales = overflow_free_scales(largest, previous_scales, self.sq_grad_sum.dtype)
+        scales = torch.where(finite, scales, previous_scales)
+        rescales = (previous_scales / scales) ** 2
+        risks = accumulate_excess_risks(
+            matrix.detach(), self.sq_grad_sum, finite, scales, rescales, rows
+        )
 
         task_weights = self._task_rows("task_weights", rows)
         warmup_excess_sum = self._task_rows("warmup_excess_sum", rows)
@@ -209,6 +259,7 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
             warmup_excess_sum=torch.where(in_warmup, warmup_excess_sum + risks, warmup_excess_sum),
             baseline=baseline,
             task_steps=steps + 1,
+            sq_grad_scale=scales,
             step_count=self.step_count + 1,
         )
         return nan_unless(finite, weights).to(matrix.dtype)
@@ -223,15 +274,16 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Checkpoints written before tasks had names count one step for all of them.
+        # Checkpoints written before 0.2 count one step for all tasks and hold S unscaled.
         step_count, task_steps = state_dict.get(prefix + "step_count"), prefix + "task_steps"
-        weights = state_dict.get(prefix + "task_weights")
+        weights, scale = state_dict.get(prefix + "task_weights"), prefix + "sq_grad_scale"
         if task_steps not in state_dict and isinstance(step_count, Tensor):
             if isinstance(weights, Tensor) and step_count.numel() == 1:
                 filled = step_count.expand(weights.shape[0]).clone()
+                ones = torch.ones_like(weights)
             else:
-                filled = step_count.new_empty(0)
-            state_dict = {**state_dict, task_steps: filled}
+                filled, ones = step_count.new_empty(0), torch.empty(0)
+            state_dict = {**state_dict, task_steps: filled, scale: ones}
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

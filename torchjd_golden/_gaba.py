@@ -75,6 +75,7 @@ class GABAWeighting(GramianWeightingBase, NamedTasks, LazyState, NonDifferentiab
 
     _state_names = ("ema_weights", "step_count")
     _per_task_names = ("ema_weights",)
+    _keeps_state_dtype = True
     ema_weights: Tensor
     step_count: Tensor
 

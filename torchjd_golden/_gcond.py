@@ -22,8 +22,10 @@ from ._gramian import (
     accumulation_dtype,
     all_finite,
     combine_rows,
+    compute_gramian,
     gramian_and_cross_products,
     nan_unless,
+    overflowed,
 )
 from ._kernels.gcond import Resolution, resolve_conflicts
 from ._state import LazyState
@@ -162,6 +164,10 @@ class GCondWeighting(
         error_msgs: list[str],
     ) -> None:
         state = dict(state_dict)
+        for name in ("previous_coefficients", "previous_norms_sq"):  # float32 before 0.2
+            saved = state.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.is_floating_point():
+                state[prefix + name] = saved.to(torch.float64)
         previous = state.pop(prefix + "previous_jacobian", None)
         tasks = state.pop(prefix + "previous_tasks", None)
         if isinstance(previous, Tensor):
@@ -186,7 +192,7 @@ class GCondWeighting(
 
     def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
         m, n = sizes
-        device, dtype = like.device, accumulation_dtype(like.dtype)
+        device = like.device
 
         def counter() -> Tensor:
             return torch.zeros((), dtype=torch.int64, device=device)
@@ -195,8 +201,10 @@ class GCondWeighting(
             "jacobians": torch.zeros(2 * m, n, dtype=like.dtype, device=device),
             "region_tasks": torch.full((2 * m,), -1, dtype=torch.int64, device=device),
             "previous_half": counter(),
-            "previous_coefficients": torch.eye(m, dtype=dtype, device=device),
-            "previous_norms_sq": torch.zeros(m, dtype=dtype, device=device),
+            # float64, as the m x m resolution: the squared norms of float32 rows longer than
+            # 1.8e19 do not fit float32.
+            "previous_coefficients": torch.eye(m, dtype=torch.float64, device=device),
+            "previous_norms_sq": torch.zeros(m, dtype=torch.float64, device=device),
             "norm_ema": torch.ones(m, dtype=torch.float64, device=device),
             "winner_history": torch.full((self.dominance_window,), -1, device=device),
             "winner_count": counter(),
@@ -240,17 +248,17 @@ class GCondWeighting(
                 torch.ones((), dtype=gramian.dtype, device=gramian.device),
             )
 
-        coefficients = resolution.coefficients.to(device=gramian.device, dtype=gramian.dtype)
+        exact = resolution.coefficients.to(device=gramian.device, dtype=torch.float64)
+        coefficients = exact.to(gramian.dtype)
+        resolved_norms_sq = ((exact @ gramian.to(torch.float64)) * exact).sum(dim=1)
         capacity = self.jacobians.shape[0] // 2
         padding = (0, capacity - m)
         self._commit(
             finite,
             rows,
             previous_half=1 - self.previous_half,
-            previous_coefficients=nn.functional.pad(coefficients, padding + padding),
-            previous_norms_sq=nn.functional.pad(
-                ((coefficients @ gramian) * coefficients).sum(dim=1), padding
-            ),
+            previous_coefficients=nn.functional.pad(exact, padding + padding),
+            previous_norms_sq=nn.functional.pad(resolved_norms_sq, padding),
             norm_ema=norm_ema,
             winner_history=resolution.history.to(gramian.device),
             winner_count=resolution.history_count.to(gramian.device),
@@ -273,14 +281,19 @@ class GCondWeighting(
         positions = torch.arange(capacity, device=matrix.device)
         scratch = torch.where(self.previous_half == 0, positions + capacity, positions)
         previous = torch.where(self.previous_half == 0, positions, positions + capacity)
+        if overflowed(gramian, matrix):  # float32 rows longer than 1.8e19: products in float64
+            previous_rows = self.jacobians.index_select(0, previous)
+            gramian = compute_gramian(matrix)
+            cross = compute_gramian(matrix, previous_rows)
         self.region_tasks.index_copy_(
             0, scratch, nn.functional.pad(task_ids, (0, capacity - m), value=-1)
         )
         # Previous row r holds task previous_tasks[r]: the one-hot match picks, for each task of
         # this step, its own previous row (exactly: a product by one and sums of zeros).
         previous_tasks = self.region_tasks.index_select(0, previous)
-        match = (task_ids.unsqueeze(1) == previous_tasks.unsqueeze(0)).to(cross.dtype)
-        cross = (cross @ self.previous_coefficients.T) @ match.T  # J P^T, P = C_prev J_prev
+        match = (task_ids.unsqueeze(1) == previous_tasks.unsqueeze(0)).to(torch.float64)
+        # J P^T with P = C_prev J_prev, in float64 as the resolution that reads it.
+        cross = (cross.to(torch.float64) @ self.previous_coefficients.T) @ match.T
         return gramian, cross, match @ self.previous_norms_sq
 
     def _initial_task_rows(

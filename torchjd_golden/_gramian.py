@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._kernels._paths import chosen_path
+
 _HALF_PRECISION = (torch.float16, torch.bfloat16)
 
 # Columns upcast at once when a half-precision Jacobian is accumulated in float32: bounds the
@@ -40,12 +42,26 @@ def compute_gramian(matrix: Tensor, other: Tensor | None = None) -> Tensor:
 
     A half-precision input is upcast in chunks of columns, so the sum of squares neither
     overflows (float16 saturates at 65504) nor loses the small rows to rounding.
+
+    A finite input whose products overflow the accumulation dtype (float32 rows longer than
+    :math:`1.8 \cdot 10^{19}`) gets them in float64 instead, on the host path (a CPU tensor in
+    eager mode, see :mod:`torchjd_golden._kernels`): the check reads the result, which would
+    synchronise an accelerator, where such a Gramian stays non-finite.
     """
 
     right = matrix if other is None else other
     dtype = accumulation_dtype(matrix.dtype)
     if matrix.dtype == dtype and right.dtype == dtype:
-        return matrix @ right.T
+        gramian = matrix @ right.T
+    else:
+        gramian = _upcast_products(matrix, right, dtype)
+    if dtype != torch.float64 and overflowed(gramian, matrix, right):
+        gramian = _upcast_products(matrix, right, torch.float64)
+    return gramian
+
+
+def _upcast_products(matrix: Tensor, right: Tensor, dtype: torch.dtype) -> Tensor:
+    """:math:`J K^\top` in ``dtype``, upcasting chunks of columns (no full-size copy)."""
 
     gramian = matrix.new_zeros((matrix.shape[0], right.shape[0]), dtype=dtype)
     for start in range(0, matrix.shape[1], _UPCAST_CHUNK):
@@ -53,6 +69,17 @@ def compute_gramian(matrix: Tensor, other: Tensor | None = None) -> Tensor:
         right_block = right[:, start : start + _UPCAST_CHUNK].to(dtype)
         gramian.addmm_(left_block, right_block.T)
     return gramian
+
+
+def overflowed(products: Tensor, *inputs: Tensor) -> bool:
+    """
+    Whether ``products`` of finite ``inputs`` overflowed their dtype: checked on the host path
+    only (it reads values), and reading the inputs only when the products are not finite.
+    """
+
+    if chosen_path(products) != "host" or bool(all_finite(products)):
+        return False
+    return all(bool(all_finite(tensor)) for tensor in inputs)
 
 
 def combine_rows(weights: Tensor, matrix: Tensor, dtype: torch.dtype | None = None) -> Tensor:

@@ -41,6 +41,10 @@ class LazyState(nn.Module, Stateful):
 
     _state_names: ClassVar[tuple[str, ...]]
     _per_task_names: ClassVar[tuple[str, ...]] = ()
+    # Whether the state keeps the dtype it was built in, whatever the later inputs' (converted to
+    # it): for averages of scale-free quantities, which a float64 Gramian of an overflowing
+    # float32 Jacobian must not reset. Otherwise a change of dtype rebuilds the state.
+    _keeps_state_dtype: ClassVar[bool] = False
     _known_tasks: list[Hashable] | None = None  # the name of each per-task row, or None
 
     def _register_state(self) -> None:
@@ -123,8 +127,8 @@ class LazyState(nn.Module, Stateful):
         task_count_matters = names is None or self._known_tasks is None
         if previous[1:] != sizes[1:] or (task_count_matters and previous[0] != sizes[0]):
             return f"received {_describe(sizes)} after {_describe(previous)}"
-        if torch.compiler.is_compiling():
-            return None  # compilation guards on the dtypes itself
+        if self._keeps_state_dtype or torch.compiler.is_compiling():
+            return None  # (compilation guards on the dtypes itself)
         expected = self._dtypes_for(sizes, like)
         for name in self._state_names:
             buffer = self._buffers[name]
