@@ -219,3 +219,17 @@ def test_not_linear_under_scaling() -> None:
 
     with pytest.raises(AssertionError):
         assert_linear_under_scaling(FreshExcessMTL(), jacobian, tol=1e-3)
+
+
+def test_a_change_of_precision_resets_as_torchjd_does() -> None:
+    """torchjd's ExcessMTL restarts on a change of dtype: so does ours (with a warning)."""
+
+    jacobian = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    ours, theirs = ExcessMTL(), TorchJDExcessMTL()
+    for step, matrix in enumerate([jacobian, 2 * jacobian, (3 * jacobian).double(), 4 * jacobian]):
+        if step in (2, 3):
+            with pytest.warns(UserWarning, match=r"torch\.float.* input .*state was reset"):
+                output = ours(matrix)
+        else:
+            output = ours(matrix)
+        assert_close(output, theirs(matrix), rtol=1e-6, atol=1e-7)

@@ -133,3 +133,23 @@ def test_hyper_parameters_are_set_on_the_weighting(
         inner: nn.Module = weighting_of(module)
         if hasattr(type(inner), name):  # GCond's momentum_beta is the aggregator's own
             assert getattr(inner, name) == value
+
+
+@pytest.mark.parametrize("method", AGGREGATORS, ids=str)
+def test_forwarded_properties_carry_the_weightings_types_and_docstrings(method: Method) -> None:
+    """So that type checkers refuse ``GoldenPendulum().lam = "oops"`` and the docs show them."""
+
+    aggregator_class = type(method.make())
+    weighting_class = type(weighting_of(method.make()))
+    forwarded = [
+        name
+        for name, value in vars(aggregator_class).items()
+        if isinstance(value, property)
+        and isinstance(getattr(weighting_class, name, None), property)
+    ]
+    assert forwarded
+    for name in forwarded:
+        ours, theirs = vars(aggregator_class)[name], getattr(weighting_class, name)
+        assert ours.__doc__ == theirs.__doc__, name
+        assert ours.fget.__annotations__["return"] == theirs.fget.__annotations__["return"], name
+        assert (ours.fset is None) == (theirs.fset is None), name

@@ -117,6 +117,7 @@ class Forwarded(property, Generic[G]):
         if returns is not None:  # the documentation shows the weighting's type
             getter.__annotations__["return"] = returns
         super().__init__(getter, setter if settable else None, None, doc)
+        self.__doc__ = doc  # a subclass of property would show its own class docstring
 
     if TYPE_CHECKING:
 
