@@ -18,14 +18,13 @@ from torchjd.linalg import Matrix
 
 from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
 from ._gcond_parameters import GCondParameters
+from ._gcond_statistics import GCondStatistics
+from ._gcond_store import Store, checkpoint_form, grown_store, loaded_form, store_products
 from ._gramian import (
     accumulation_dtype,
     all_finite,
     combine_rows,
-    compute_gramian,
-    gramian_and_cross_products,
     nan_unless,
-    overflowed,
 )
 from ._kernels.gcond import Resolution, resolve_conflicts
 from ._state import LazyState
@@ -106,6 +105,10 @@ class GCondWeighting(
     step_count: Tensor
     proj_iters: Tensor | None
     min_cosine_sim: Tensor | None
+    last_zone: Tensor
+    last_winner: Tensor
+    last_norms: Tensor
+    last_norm_ema: Tensor
 
     def __init__(
         self,
@@ -130,28 +133,21 @@ class GCondWeighting(
         self.projection_max_iters = projection_max_iters
         self.eps = eps
         self._register_state()
-        self.register_buffer("proj_iters", None, persistent=False)
-        self.register_buffer("min_cosine_sim", None, persistent=False)
+        # The statistics of the last call, for monitoring (not state: not in checkpoints).
+        for name in ("proj_iters", "min_cosine_sim", "last_zone", "last_winner", "last_norms"):
+            self.register_buffer(name, None, persistent=False)
+        self.register_buffer("last_norm_ema", None, persistent=False)
+        self._last_tasks: tuple[Hashable, ...] | None = None
 
     def _state_sizes(self, count: int) -> tuple[int, ...]:
         rows, n = self.jacobians.shape
         return (rows // 2, n)[:count]
 
-    # A checkpoint holds the previous Jacobian and its tasks only: the other region of
-    # ``jacobians`` is scratch space (the Jacobian of the step being computed, or of a rejected
-    # non-finite step).
-
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        jacobians = destination.pop(prefix + "jacobians")
-        tasks = destination.pop(prefix + "region_tasks")
-        half = destination.pop(prefix + "previous_half")
-        rows = jacobians.shape[0] // 2
-        start = rows * int(half) if jacobians.numel() else 0  # a host read, in checkpointing only
-        destination[prefix + "previous_jacobian"] = jacobians[start : start + rows]
-        destination[prefix + "previous_tasks"] = tasks[start : start + rows]
+        checkpoint_form(destination, prefix)
 
     def _load_from_state_dict(
         self,
@@ -163,29 +159,7 @@ class GCondWeighting(
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        state = dict(state_dict)
-        for name in ("previous_coefficients", "previous_norms_sq"):  # float32 before 0.2
-            saved = state.get(prefix + name)
-            if isinstance(saved, Tensor) and saved.is_floating_point():
-                state[prefix + name] = saved.to(torch.float64)
-        previous = state.pop(prefix + "previous_jacobian", None)
-        tasks = state.pop(prefix + "previous_tasks", None)
-        if isinstance(previous, Tensor):
-            rows = previous.shape[0]
-            if not isinstance(tasks, Tensor):  # written before tasks had names: rows in order
-                tasks = torch.arange(rows)
-            # The region an uninterrupted run would hold it in (each finite step flips it, from
-            # 0): the products come out of other columns of one matmul otherwise, which can
-            # round differently, and the resumed run would not be bit-identical.
-            steps = state.get(prefix + "step_count")
-            half = int(steps) % 2 if isinstance(steps, Tensor) and steps.numel() == 1 else 0
-            scratch, no_tasks = torch.zeros_like(previous), torch.full_like(tasks, -1)
-            regions = [(scratch, no_tasks), (previous, tasks)]
-            if not half:
-                regions.reverse()
-            state[prefix + "jacobians"] = torch.cat([regions[0][0], regions[1][0]])
-            state[prefix + "region_tasks"] = torch.cat([regions[0][1], regions[1][1]])
-            state[prefix + "previous_half"] = torch.tensor(half, dtype=torch.int64)
+        state = loaded_form(state_dict, prefix)
         super()._load_from_state_dict(
             state, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -216,13 +190,17 @@ class GCondWeighting(
         m, n = matrix.shape
         rows = self._ensure_state((m, n), matrix)
         if m > self.jacobians.shape[0] // 2:  # more named tasks than the regions have rows
-            self._grow_regions(m)
+            with torch.inference_mode(False):
+                grown = grown_store(self._store(), m)
+            self.jacobians, self.region_tasks = grown.jacobians, grown.region_tasks
+            self.previous_coefficients = grown.previous_coefficients
+            self.previous_norms_sq = grown.previous_norms_sq
         if self.winner_history.numel() != self.dominance_window:  # the window was changed
             self.winner_history = torch.full((self.dominance_window,), -1, device=matrix.device)
             self.winner_count = torch.zeros_like(self.winner_count)
 
         task_ids = torch.arange(m, device=matrix.device) if rows is None else rows
-        gramian, cross, previous_norms_sq = self._products(matrix.detach(), task_ids)
+        gramian, cross, previous_norms_sq = store_products(matrix.detach(), self._store(), task_ids)
         finite = all_finite(gramian)
         norm_ema = self._task_rows("norm_ema", rows)
         if m > 1:
@@ -246,6 +224,8 @@ class GCondWeighting(
                 self.winner_count,
                 torch.zeros((), dtype=gramian.dtype, device=gramian.device),
                 torch.ones((), dtype=gramian.dtype, device=gramian.device),
+                torch.zeros((), dtype=torch.int64, device=gramian.device),
+                torch.full((), -1, dtype=torch.int64, device=gramian.device),
             )
 
         exact = resolution.coefficients.to(device=gramian.device, dtype=torch.float64)
@@ -266,55 +246,44 @@ class GCondWeighting(
         )
         self.proj_iters = resolution.proj_iters
         self.min_cosine_sim = resolution.min_cosine_sim
+        self.last_zone, self.last_winner = resolution.last_zone, resolution.last_winner
+        self.last_norms = gramian.diagonal().clamp(min=0.0).sqrt().to(torch.float64)
+        self.last_norm_ema, self._last_tasks = norm_ema, self._call_tasks(m)
         return nan_unless(finite, coefficients.sum(dim=0)).to(matrix.dtype)
 
-    def _products(self, matrix: Tensor, task_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r"""
-        This step's Gramian, the cross products :math:`X_{ti} = \langle J_t, p_i \rangle` with
-        the previous resolved row :math:`p_i` of the same task (zero for a task absent from the
-        previous step) and :math:`\|p_i\|^2`; :math:`J` goes into the scratch region, under
-        the tasks ``task_ids``.
-        """
+    def stats(self, final_grad_norm: Tensor | None = None) -> GCondStatistics:
+        """The statistics of the last call (see :class:`GCondStatistics`), without a host read."""
 
-        m, capacity = matrix.shape[0], self.jacobians.shape[0] // 2
-        gramian, cross = gramian_and_cross_products(matrix, self.jacobians, self.previous_half)
-        positions = torch.arange(capacity, device=matrix.device)
-        scratch = torch.where(self.previous_half == 0, positions + capacity, positions)
-        previous = torch.where(self.previous_half == 0, positions, positions + capacity)
-        if overflowed(gramian, matrix):  # float32 rows longer than 1.8e19: products in float64
-            previous_rows = self.jacobians.index_select(0, previous)
-            gramian = compute_gramian(matrix)
-            cross = compute_gramian(matrix, previous_rows)
-        self.region_tasks.index_copy_(
-            0, scratch, nn.functional.pad(task_ids, (0, capacity - m), value=-1)
+        if self.proj_iters is None or self.min_cosine_sim is None:
+            raise ValueError(f"`{type(self).__name__}` has no statistics before its first call.")
+        m = self.last_norms.shape[0]
+        tasks = self._last_tasks or tuple(f"task_{k}" for k in range(m))
+        return GCondStatistics(
+            step=self.step_count.clone(),
+            proj_iters=self.proj_iters,
+            min_cosine_sim=self.min_cosine_sim,
+            zone=self.last_zone,
+            winner=self.last_winner,
+            raw_norms=self.last_norms,
+            norm_ema=self.last_norm_ema,
+            final_grad_norm=final_grad_norm,
+            tasks=tasks,
+            names=self.known_tasks or tasks,
         )
-        # Previous row r holds task previous_tasks[r]: the one-hot match picks, for each task of
-        # this step, its own previous row (exactly: a product by one and sums of zeros).
-        previous_tasks = self.region_tasks.index_select(0, previous)
-        match = (task_ids.unsqueeze(1) == previous_tasks.unsqueeze(0)).to(torch.float64)
-        # J P^T with P = C_prev J_prev, in float64 as the resolution that reads it.
-        cross = (cross.to(torch.float64) @ self.previous_coefficients.T) @ match.T
-        return gramian, cross, match @ self.previous_norms_sq
 
     def _initial_task_rows(
         self, count: int, sizes: tuple[int, ...], like: Tensor
     ) -> dict[str, Tensor]:
         return {"norm_ema": torch.ones(count, dtype=torch.float64, device=like.device)}
 
-    def _grow_regions(self, rows: int) -> None:
-        """Gives each region of the store ``rows`` rows, keeping what they hold."""
-
-        capacity, n = self.jacobians.shape[0] // 2, self.jacobians.shape[1]
-        extra = rows - capacity
-        with torch.inference_mode(False):
-            regions = self.jacobians.view(2, capacity, n)
-            self.jacobians = nn.functional.pad(regions, (0, 0, 0, extra)).reshape(2 * rows, n)
-            tasks = self.region_tasks.view(2, capacity)
-            self.region_tasks = nn.functional.pad(tasks, (0, extra), value=-1).reshape(2 * rows)
-            self.previous_coefficients = nn.functional.pad(
-                self.previous_coefficients, (0, extra, 0, extra)
-            )
-            self.previous_norms_sq = nn.functional.pad(self.previous_norms_sq, (0, extra))
+    def _store(self) -> Store:
+        return Store(
+            self.jacobians,
+            self.region_tasks,
+            self.previous_half,
+            self.previous_coefficients,
+            self.previous_norms_sq,
+        )
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self._parameters_repr()}, eps={self.eps!r})"
@@ -436,6 +405,7 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         )
         self.momentum_beta = momentum_beta
         self._register_state()
+        self.register_buffer("update_norm", None, persistent=False)  # for stats()
 
     conflict_thresholds = ForwardedConverting[tuple[float, float, float], Sequence[float]](
         GCondWeighting.conflict_thresholds
@@ -470,6 +440,19 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         }
 
     def forward(self, matrix: Matrix, /) -> Tensor:
+        update = self._update(matrix)
+        self.update_norm = torch.linalg.vector_norm(update.detach())  # one pass over n values
+        return update
+
+    def stats(self) -> GCondStatistics:
+        """
+        The statistics of the last call, as the official ``stats`` (see
+        :class:`GCondStatistics`): tensors until :meth:`GCondStatistics.as_dict` reads them.
+        """
+
+        return self.weighting.stats(final_grad_norm=self.update_norm)
+
+    def _update(self, matrix: Matrix) -> Tensor:
         weights = self.weighting(matrix)
         beta = self.momentum_beta
         if beta == 0.0:

@@ -53,6 +53,12 @@ class Resolution:
     history_count: Tensor
     proj_iters: Tensor
     min_cosine_sim: Tensor
+    last_zone: Tensor  # of the last resolved pair: 0 none, 1 weak, 2 main, 3 critical
+    last_winner: Tensor  # the task id the arbitrator last named, -1 if none
+
+
+ZONES = ("none", "weak", "main", "critical")
+"""The names of the zones, by the numbers of :attr:`Resolution.last_zone`."""
 
 
 def resolve_conflicts(
@@ -119,6 +125,22 @@ def _effective_angle(cosine: float, settings: ResolveSettings) -> float:
     return math.pi
 
 
+def _zone(cosine: float, settings: ResolveSettings) -> int:
+    """The zone of a resolved pair (1 weak, 2 main, 3 critical), as each logic branches."""
+
+    critical, main, _ = settings.conflict_thresholds
+    if settings.use_smooth_logic:
+        return 1 if cosine >= main else 2 if cosine > critical else 3
+    return 3 if cosine < critical else 2 if cosine < main else 1
+
+
+def _zone_tensor(cosine: Tensor, settings: ResolveSettings) -> Tensor:
+    critical, main, _ = settings.conflict_thresholds
+    if settings.use_smooth_logic:
+        return torch.where(cosine >= main, 1, torch.where(cosine > critical, 2, 3))
+    return torch.where(cosine < critical, 3, torch.where(cosine < main, 2, 1))
+
+
 def _effective_angle_tensor(cosine: Tensor, settings: ResolveSettings) -> Tensor:
     critical, main, weak = settings.conflict_thresholds
     c = cosine.clamp(-1.0, 1.0)
@@ -146,6 +168,7 @@ class _HostResolution:
     ) -> None:
         self.settings = settings
         self.task_ids: list[int] = task_ids.tolist()
+        self.last_zone, self.last_winner = 0, -1
         inner = host_array(gramian)
         m = inner.shape[0]
         scale = np.ones(m)
@@ -195,12 +218,15 @@ class _HostResolution:
             history_count=torch.tensor(self.count, dtype=torch.int64),
             proj_iters=torch.tensor(float(proj_iters), dtype=torch.float64),
             min_cosine_sim=torch.tensor(min_cosine_sim, dtype=torch.float64),
+            last_zone=torch.tensor(self.last_zone, dtype=torch.int64),
+            last_winner=torch.tensor(self.last_winner, dtype=torch.int64),
         )
 
     def _resolve(self, i: int, j: int, cosine: float) -> None:
         settings, inner, eps = self.settings, self.inner, self.settings.eps
         critical, main, _ = settings.conflict_thresholds
         first, second = i, j
+        self.last_zone, self.last_winner = _zone(cosine, settings), -1
         if settings.use_smooth_logic:
             first, second = self._arbitrate(i, j)
             angle = _effective_angle(cosine, settings)
@@ -244,6 +270,7 @@ class _HostResolution:
                 scores.append(stability_weight * max(stability, 0.0) + strength_weight * strength)
             if scores[1] > scores[0]:
                 winner, loser = j, i
+        self.last_winner = self.task_ids[winner]
         if window:
             self.winners = [*self.winners, self.task_ids[winner]][-window:]
             self.count += 1
@@ -331,6 +358,8 @@ class _TensorResolution:
             scale = torch.where(norms > cap, cap / (norms + settings.eps), scale)
         self.coefficients = torch.diag(scale)
         self.inner = gramian * scale.unsqueeze(1) * scale.unsqueeze(0)
+        self.last_zone = torch.zeros((), dtype=torch.int64, device=device)
+        self.last_winner = torch.full((), -1, dtype=torch.int64, device=device)
 
     def run(self) -> Resolution:
         active = torch.ones((), dtype=torch.bool, device=self.device)
@@ -344,7 +373,13 @@ class _TensorResolution:
             active = found
             self._resolve(lowest, i, j, found)
         return Resolution(
-            self.coefficients, self.history, self.history_count, proj_iters, min_cosine_sim
+            self.coefficients,
+            self.history,
+            self.history_count,
+            proj_iters,
+            min_cosine_sim,
+            self.last_zone,
+            self.last_winner,
         )
 
     def _lowest_pair(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -390,12 +425,15 @@ class _TensorResolution:
         ).reshape(2, 2)
         winner_is_j = arbitrated & j_wins
         self._mix(torch.where(winner_is_j, pair.flip(0), pair), matrix)
+        ids = self.task_ids.index_select(0, pair)
+        winner = torch.where(j_wins, ids[1], ids[0])
+        self.last_zone = torch.where(found, _zone_tensor(cosine, settings), self.last_zone)
+        named = torch.where(arbitrated, winner, -1)
+        self.last_winner = torch.where(found, named, self.last_winner)
         window = settings.dominance_window
         if window:
             appends = found & arbitrated
             slot = self.positions == self.history_count % window
-            ids = self.task_ids.index_select(0, pair)
-            winner = torch.where(j_wins, ids[1], ids[0])
             self.history = torch.where(slot & appends, winner, self.history)
             self.history_count = self.history_count + appends.to(self.history_count.dtype)
 
