@@ -11,8 +11,7 @@ from torch import Tensor, nn
 from torchjd.aggregation import UPGrad
 from torchjd.autojac import backward, jac_to_grad
 
-from torchjd_golden import GCond, GoldenPendulum
-from torchjd_golden._recorder import GramianReportRecorder
+from torchjd_golden import ConflictMonitor, GCond, GoldenPendulum, gramian_diagnostics
 from torchjd_golden._task_step import JacobianStep, TaskLosses, split_task_losses
 
 
@@ -123,19 +122,19 @@ def test_the_adaptive_golden_pendulum_gets_the_losses() -> None:
     torch.testing.assert_close(seen[0], (losses + more).detach() / 2)
 
 
-def test_the_default_recorder_keeps_the_report_of_the_step() -> None:
+def test_the_default_diagnostics_are_the_engine_fed_by_the_step() -> None:
     step = JacobianStep(UPGrad(), diagnostics=True)
-    assert isinstance(step.recorder, GramianReportRecorder)
+    assert isinstance(step.recorder, ConflictMonitor)
     model, losses = _losses()
     step.backward(step.take(losses))
     jacobian = torch.cat([p.jac.flatten(1) for p in model.parameters()], dim=1)  # type: ignore[attr-defined]
     step.resolve(model.parameters())
 
-    report = step.recorder.report
-    assert report is not None
-    torch.testing.assert_close(report.norms, jacobian.norm(dim=1))
-    assert step.recorder.tasks == ("task_0", "task_1", "task_2")
-    assert set(step.recorder.scalars()) == {"conflict_ratio", "norm_ratio"}
+    expected = gramian_diagnostics(jacobian.double() @ jacobian.double().T)
+    scalars = step.recorder.scalars()
+    assert set(scalars) >= {"conflict_ratio", "norm_ratio", "balance_ratio", "resonance"}
+    torch.testing.assert_close(scalars["conflict_ratio"], expected.conflict_ratio.double())
+    torch.testing.assert_close(scalars["norm_ratio"], expected.norm_ratio, rtol=1e-5, atol=0.0)
 
 
 def test_a_recorder_must_have_a_record_method() -> None:

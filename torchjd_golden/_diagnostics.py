@@ -295,6 +295,18 @@ class ConflictMonitor:
         self._last = (names, cosine, norms)
         self._step_count += 1
 
+    def scalars(self) -> dict[str, Tensor]:
+        """
+        The last step's statistics (``conflict_ratio``, ``norm_ratio``, ``weight_deviation``,
+        ``balance_ratio``, ``resonance``) as 0-dim tensors on its device, for a logger: no host
+        read (empty before any step).
+        """
+
+        if self._statistics is None or self._step_count == 0:
+            return {}
+        row = self._statistics[(self._step_count - 1) % self.window_size]
+        return dict(zip(_STATISTICS, row.unbind(), strict=True))
+
     def _names(self, m: int, tasks: Iterable[Hashable] | None) -> tuple[Hashable, ...]:
         names = check_task_names(tasks) or self._tasks or tuple(range(m))
         if len(names) != m:

@@ -103,7 +103,7 @@ class JacobianStep:
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
-    :param diagnostics: ``True`` for the default recorder, or an object with a
+    :param diagnostics: ``True`` for the diagnostics engine, or an object with a
         ``record(gramian, weights, tasks)`` method, which then receives the Gramian the
         aggregator's weighting used (or computed from its Jacobian) and the weights at each step.
     """

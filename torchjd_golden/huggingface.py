@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
+from ._diagnostics import ConflictMonitor
 from ._recorder import DiagnosticsRecorder
 from ._task_step import JacobianStep, TaskLosses, split_task_losses
 
@@ -44,8 +45,8 @@ class MultiTaskTrainer(Trainer):
     - The task weights, averaged over the steps since the last log, join the Trainer's logs
       (``log_history``, TensorBoard and the other ``report_to`` integrations) by task name:
       ``task_weights/weight/{task}``, ``task_weights/balance_ratio`` and, for Golden Pendulum,
-      ``task_weights/alpha/{task}``; with ``diagnostics``, the recorder's ratios
-      (``diagnostics/...``).
+      ``task_weights/alpha/{task}``; with ``diagnostics``, the diagnostics engine's statistics
+      (``diagnostics/conflict_ratio``, ``norm_ratio``, ``balance_ratio``, ...).
 
     .. code-block:: python
 
@@ -62,9 +63,10 @@ class MultiTaskTrainer(Trainer):
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
-    :param diagnostics: ``True`` to record the :func:`~torchjd_golden.gramian_diagnostics` of
-        each step's Gramian (the one the aggregation computed: no extra backward pass), or a
-        recorder with a ``record(gramian, weights, tasks)`` method.
+    :param diagnostics: ``True`` to attach the diagnostics engine
+        (:class:`~torchjd_golden.ConflictMonitor`) to the aggregator: it records each step's
+        Gramian (the one the aggregation computed: no extra backward pass); or a recorder with a
+        ``record(gramian, weights, tasks)`` method.
     :param args: The positional and keyword arguments of :class:`transformers.Trainer`.
     """
 
@@ -82,8 +84,8 @@ class MultiTaskTrainer(Trainer):
         self._logged_steps = 0
 
     @property
-    def diagnostics(self) -> DiagnosticsRecorder | None:
-        """The diagnostics recorder, or ``None``."""
+    def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
+        """The diagnostics engine (``diagnostics=True``) or recorder, or ``None``."""
         return self.jacobian_step.recorder
 
     def training_step(

@@ -14,6 +14,7 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from ._diagnostics import ConflictMonitor
 from ._recorder import DiagnosticsRecorder
 from ._task_step import JacobianStep, TaskLosses
 
@@ -42,8 +43,8 @@ class MultiTaskModule(LightningModule):
       bit-identically;
     - the weights of each step are logged by task name through ``self.log``
       (``task_weights/weight/{task}``, ``task_weights/balance_ratio``, and Golden Pendulum's
-      ``task_weights/alpha/{task}``), and with ``diagnostics`` the recorder's conflict and norm
-      ratios (``diagnostics/...``).
+      ``task_weights/alpha/{task}``), and with ``diagnostics`` the diagnostics engine's statistics
+      (``diagnostics/conflict_ratio``, ``norm_ratio``, ``balance_ratio``, ...).
 
     .. code-block:: python
 
@@ -69,9 +70,10 @@ class MultiTaskModule(LightningModule):
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config` (``"gcond"``, ``{"name": "upgrad"}``).
-    :param diagnostics: ``True`` to record the :func:`~torchjd_golden.gramian_diagnostics` of
-        each step's Gramian (the one the aggregation computed: no extra backward pass), or a
-        recorder with a ``record(gramian, weights, tasks)`` method.
+    :param diagnostics: ``True`` to attach the diagnostics engine
+        (:class:`~torchjd_golden.ConflictMonitor`) to the aggregator: it records each step's
+        Gramian (the one the aggregation computed: no extra backward pass); or a recorder with a
+        ``record(gramian, weights, tasks)`` method.
     :param log_weights: Whether to log the weights through ``self.log``.
     """
 
@@ -94,8 +96,8 @@ class MultiTaskModule(LightningModule):
             cls.training_step = _taking_task_losses(step)  # type: ignore[method-assign]
 
     @property
-    def diagnostics(self) -> DiagnosticsRecorder | None:
-        """The diagnostics recorder, or ``None``."""
+    def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
+        """The diagnostics engine (``diagnostics=True``) or recorder, or ``None``."""
         return self._jacobian_step.recorder
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
