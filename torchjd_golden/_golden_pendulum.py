@@ -40,9 +40,10 @@ def golden_ratio_weights(
     The golden-ratio target weights :math:`\varphi^k / \sum_{j<K} \varphi^j`, :math:`k < K`.
 
     Consecutive targets have the irrational ratio :math:`\varphi`; the largest goes to the last
-    task. They sum to one. They are computed in float64 as :math:`\varphi^{k-K+1}`, relative to
-    the largest, so that no power overflows (from :math:`K = 185`, :math:`\varphi^{K}` exceeds
-    float32); the smallest targets of many tasks underflow to zero.
+    task. They sum to one. Where :math:`\sum_j \varphi^j` would overflow ``dtype`` (float32 from
+    :math:`K = 184`), they are computed in float64 as :math:`\varphi^{k-K+1}`, relative to the
+    largest, and the smallest targets of many tasks underflow to zero; below, exactly as
+    golden-pendulum-mtl computes them.
 
     :param n_tasks: The number of tasks :math:`K \geq 1`.
     :param device: The device of the result.
@@ -53,9 +54,12 @@ def golden_ratio_weights(
     """
 
     check_int("n_tasks", n_tasks, low=1)
-    powers = PHI ** (torch.arange(n_tasks, dtype=torch.float64) - (n_tasks - 1))
-    weights = powers / powers.sum()
-    return weights.to(device=device, dtype=dtype or torch.get_default_dtype())
+    dtype = dtype or torch.get_default_dtype()
+    if PHI ** (n_tasks + 1) < torch.finfo(dtype).max:  # the sum of the powers fits dtype
+        powers = torch.tensor([PHI**k for k in range(n_tasks)], device=device, dtype=dtype)
+        return powers / powers.sum()
+    relative = PHI ** (torch.arange(n_tasks, dtype=torch.float64) - (n_tasks - 1))
+    return (relative / relative.sum()).to(device=device, dtype=dtype)
 
 
 def golden_pendulum_weights(
