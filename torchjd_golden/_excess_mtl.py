@@ -19,6 +19,7 @@ from torchjd.linalg import Matrix
 
 from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
 from ._gramian import accumulation_dtype, nan_unless
+from ._kernels._paths import chosen_path
 from ._state import LazyState
 from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
@@ -26,6 +27,9 @@ from ._validation import check_input, check_int, check_real
 
 # Added under the square root of the accumulated squares and to the baseline, as the reference.
 _EPS = 1e-7
+
+# Rows whose norm is below this need no scaling of their squares in any dtype S is kept in.
+_UNSCALED_BELOW = 2.0**43
 
 # Elements of the Jacobian processed at once: each of the two temporaries of a chunk holds this
 # many values (1 MiB in float32, so a chunk stays in cache), whatever the size of the Jacobian.
@@ -36,8 +40,8 @@ def accumulate_excess_risks(
     matrix: Tensor,
     squared_sum: Tensor,
     finite: Tensor,
-    scales: Tensor,
-    rescales: Tensor,
+    scales: Tensor | None = None,
+    rescales: Tensor | None = None,
     rows: Tensor | None = None,
 ) -> Tensor:
     r"""
@@ -49,8 +53,9 @@ def accumulate_excess_risks(
     Row :math:`k` of ``squared_sum`` holds :math:`S_k / \sigma_k^2`, with :math:`\sigma_k` (a
     power of two, ``scales``, one per row of ``matrix``) large enough that the squares of
     :math:`J_k / \sigma_k` cannot overflow the state's dtype; the stored row is first multiplied
-    by ``rescales`` :math:`(\sigma^{old}_k / \sigma_k)^2` where :math:`\sigma_k` grew. With
-    :math:`\sigma = 1`, the arithmetic is that of :math:`S` itself.
+    by ``rescales`` :math:`(\sigma^{old}_k / \sigma_k)^2` where :math:`\sigma_k` grew. Without
+    ``scales`` (all ones), the arithmetic is that of :math:`S` itself, two operations per chunk
+    shorter.
 
     The columns are processed in chunks, so the only temporaries are two chunk-sized blocks (and,
     for a subset of rows, the chunk of those rows). When ``finite`` (a 0-dim boolean tensor) is
@@ -60,23 +65,28 @@ def accumulate_excess_risks(
     m, n = matrix.shape
     risks = squared_sum.new_zeros(m)
     zero = squared_sum.new_zeros(())
-    inverse_scales = (1.0 / scales).unsqueeze(1)
-    rescales = rescales.unsqueeze(1)
-    eps = (_EPS / scales**2).unsqueeze(1)  # 1e-7 added to S, in the units of S / sigma^2
+    eps: float | Tensor = _EPS
+    if scales is not None:
+        inverse_scales = (1.0 / scales).unsqueeze(1)
+        eps = (_EPS / scales**2).unsqueeze(1)  # 1e-7 added to S, in the units of S / sigma^2
     width = max(1, _CHUNK_ELEMENTS // max(m, 1))
     for start in range(0, n, width):
-        # A scaled copy in the state's dtype (never the caller's J: where allocates it), zero on a
+        # A copy in the state's dtype (never the caller's J: where allocates it), zero on a
         # non-finite step so that S stays unchanged.
         chunk = matrix[:, start : start + width].to(squared_sum.dtype)
-        gradients = torch.where(finite, chunk, zero).mul_(inverse_scales)
+        gradients = torch.where(finite, chunk, zero)
         columns = squared_sum[:, start : start + width]
         accumulated = columns if rows is None else columns.index_select(0, rows)
-        accumulated.mul_(rescales).addcmul_(gradients, gradients)
+        if scales is not None:
+            gradients.mul_(inverse_scales)
+        if rescales is not None:
+            accumulated.mul_(rescales.unsqueeze(1))
+        accumulated.addcmul_(gradients, gradients)
         if rows is not None:
             columns.index_copy_(0, rows, accumulated)
         inverse_roots = accumulated.add(eps).rsqrt_()
         risks += torch.linalg.vecdot(inverse_roots.mul_(gradients), gradients, dim=1)
-    return risks * scales
+    return risks if scales is None else risks * scales
 
 
 def overflow_free_scales(largest: Tensor, previous: Tensor, dtype: torch.dtype) -> Tensor:
@@ -220,17 +230,12 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
     def forward(self, matrix: Matrix, /) -> Tensor:
         check_input(matrix, self, gramian=False)
         rows = self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
-        # One reduction over J decides, before S is touched, whether this step may change state
-        # and how much each row's squares must be scaled down to fit S's dtype.
-        largest = torch.linalg.vector_norm(matrix.detach(), ord=torch.inf, dim=1)
-        finite = torch.isfinite(largest).all()
-        previous_scales = self._task_rows("sq_grad_scale", rows)
-        scales = overflow_free_scales(largest, previous_scales, self.sq_grad_sum.dtype)
-        scales = torch.where(finite, scales, previous_scales)
-        rescales = (previous_scales / scales) ** 2
+        finite, scales, rescales = self._scales(matrix.detach(), rows)
         risks = accumulate_excess_risks(
             matrix.detach(), self.sq_grad_sum, finite, scales, rescales, rows
         )
+        if scales is None:  # all ones, unchanged
+            scales = self._task_rows("sq_grad_scale", rows)
 
         task_weights = self._task_rows("task_weights", rows)
         warmup_excess_sum = self._task_rows("warmup_excess_sum", rows)
@@ -263,6 +268,32 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
             step_count=self.step_count + 1,
         )
         return nan_unless(finite, weights).to(matrix.dtype)
+
+    def _scales(
+        self, matrix: Tensor, rows: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """
+        Whether ``matrix`` is finite, and the scales of the rows of S (``None``: all one, with no
+        rescaling, the common case, known on the host path without a read of J's largest entries).
+        """
+
+        previous = self._task_rows("sq_grad_scale", rows)
+        if chosen_path(matrix) == "host":
+            # One fast reduction over J decides, before S is touched, whether this step may change
+            # state; only rows too long for float32 squares take the slower largest-entry pass.
+            norms = torch.linalg.vector_norm(matrix, dim=1)
+            if bool(torch.isfinite(norms).all()) and bool((norms < _UNSCALED_BELOW).all()):
+                if bool((previous == 1.0).all()):
+                    return torch.ones((), dtype=torch.bool, device=matrix.device), None, None
+                largest = norms
+            else:
+                largest = torch.maximum(matrix.amax(dim=1), -matrix.amin(dim=1))
+        else:
+            largest = torch.maximum(matrix.amax(dim=1), -matrix.amin(dim=1))
+        finite = torch.isfinite(largest).all()
+        scales = overflow_free_scales(largest, previous, self.sq_grad_sum.dtype)
+        scales = torch.where(finite, scales, previous)
+        return finite, scales, (previous / scales) ** 2
 
     def _load_from_state_dict(
         self,
