@@ -19,7 +19,7 @@ from torchjd_golden._gramian import compute_gramian, normalize_gramian
 from torchjd_golden._kernels import chosen_path, solver_path
 from torchjd_golden._kernels.gcond import ResolveSettings, resolve_conflicts
 from torchjd_golden._kernels.golden_qp import solve_golden_qp
-from torchjd_golden._kernels.pcgrad import pcgrad_coefficients
+from torchjd_golden._kernels.pcgrad import pcgrad_coefficients, pcgrad_combination
 
 from ._asserts import relative_error
 from ._inputs import conflicting_jacobian
@@ -71,17 +71,36 @@ def _both_paths(kernel: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
 @pytest.mark.parametrize("kind", JACOBIANS)
 @pytest.mark.parametrize("normalized", [True, False], ids=["normalized", "raw"])
 def test_pcgrad_paths_agree(kind: str, m: int, normalized: bool) -> None:
-    gramian = compute_gramian(JACOBIANS[kind](m, m))
+    rows = JACOBIANS[kind](m, m)
     if normalized:
-        gramian, _ = normalize_gramian(gramian, min_norm=1e-8)
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-8)
+    gramian = compute_gramian(rows)
     priority = torch.rand(m, dtype=torch.float64)
     priority[m // 2] = priority[0]  # a tie
     host, tensor = _both_paths(lambda: pcgrad_coefficients(gramian, priority))
     assert host.dtype == tensor.dtype == gramian.dtype
-    assert relative_error(host @ gramian @ host.T, tensor @ gramian @ tensor.T) < 1e-10
-    # A row projected off its anti-parallel twin is rounding noise, whose sign (which the two
-    # paths round differently) decides later projections of steps below noise / eps.
-    assert relative_error(host, tensor) < 1e-8
+    # The resolved rows C J agree. C itself is unique only where J has full rank: with
+    # anti-parallel rows, a row projected off its twin is rounding noise, and C is then defined up
+    # to J's null space (the two paths round differently, and the steps off that noise are
+    # noise / eps).
+    assert relative_error(host @ rows, tensor @ rows) < 1e-10
+    if kind != "anti-parallel rows":
+        assert relative_error(host, tensor) < 1e-10
+
+
+@pytest.mark.parametrize("m", SIZES)
+@pytest.mark.parametrize("kind", JACOBIANS)
+def test_pcgrad_combination_is_the_weighted_sum_of_the_coefficients(kind: str, m: int) -> None:
+    # The host path reads w^T C off the recorded moves backwards, without forming C.
+    gramian, _ = normalize_gramian(compute_gramian(JACOBIANS[kind](m, m)), min_norm=1e-8)
+    priority = torch.rand(m, dtype=torch.float64)
+    weights = torch.rand(m, dtype=torch.float64)
+    for path in ("host", "tensor"):
+        with solver_path(path):
+            combination = pcgrad_combination(gramian, priority, weights)
+            expected = weights @ pcgrad_coefficients(gramian, priority)
+        assert combination.shape == (m,)
+        assert relative_error(combination, expected) < 1e-10
 
 
 @pytest.mark.parametrize("m", SIZES)
@@ -177,20 +196,55 @@ def test_pcgrad_coefficients_leave_agreeing_rows_alone(solver_path: str) -> None
     assert torch.equal(coefficients, torch.eye(5, dtype=torch.float64))
 
 
+def _priorities(kind: str, m: int, dtype: torch.dtype) -> Tensor:
+    generator = torch.Generator().manual_seed(m)
+    priority = torch.rand(m, dtype=dtype, generator=generator)
+    if kind == "random, a tie":
+        priority[m // 2] = priority[0]
+    elif kind == "increasing, tied floor":  # Golden Pendulum's: long moves of row i, batches
+        priority = priority.sort().values
+        priority[: m // 3] = priority[0]
+    elif kind == "decreasing":  # every conflict moves the later row: large batches only
+        priority = priority.sort(descending=True).values
+    return priority
+
+
+PRIORITY_KINDS = ["random, a tie", "increasing, tied floor", "decreasing"]
+
+
 @pytest.mark.parametrize("m", [2, 3, 5, 8, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("priority_kind", PRIORITY_KINDS)
 def test_pcgrad_coefficients_match_the_golden_pendulum_reference(
-    m: int, dtype: torch.dtype, solver_path: str
+    m: int, dtype: torch.dtype, priority_kind: str, solver_path: str
 ) -> None:
-    matrix = conflicting_jacobian(m, 64, seed=m, decades=0.0, dtype=dtype)
-    priority = torch.rand(m, dtype=dtype)
-    priority[m // 2] = priority[0]  # a tie
+    _check_pcgrad_against_the_reference(m, dtype, priority_kind)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("priority_kind", PRIORITY_KINDS)
+def test_pcgrad_host_path_matches_the_golden_pendulum_reference_beyond_its_window(
+    dtype: torch.dtype, priority_kind: str
+) -> None:
+    # The host path's moves of row i run 16 rows at a time, and rows that move off the same row
+    # move one by one, as a slice or by index, depending on how many there are and how sparse:
+    # at m = 100, each of the three priorities takes every one of these ways. The tensor path,
+    # pair by pair, is checked against the reference up to m = 40 above.
+    with solver_path("host"):
+        _check_pcgrad_against_the_reference(100, dtype, priority_kind)
+
+
+def _check_pcgrad_against_the_reference(m: int, dtype: torch.dtype, priority_kind: str) -> None:
+    matrix = conflicting_jacobian(m, 2 * m + 30, seed=m, decades=0.0, dtype=dtype)
+    priority = _priorities(priority_kind, m, dtype)
 
     coefficients = pcgrad_coefficients(compute_gramian(matrix), priority)
 
     expected = _pcgrad_resolve(matrix, priority)
     tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     assert relative_error(coefficients.to(dtype) @ matrix, expected) < tolerance
+    combination = pcgrad_combination(compute_gramian(matrix), priority, priority)
+    assert relative_error(combination.to(dtype) @ matrix, priority @ expected) < tolerance
 
 
 @pytest.mark.parametrize("m", [2, 5, 16, 40])

@@ -29,7 +29,7 @@ from ._gramian import (
     nan_unless,
     normalize_gramian,
 )
-from ._kernels.pcgrad import pcgrad_coefficients
+from ._kernels.pcgrad import pcgrad_combination
 from ._tasks import TaskNames, check_task_names
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
 from ._validation import check_bool, check_input, check_int, check_real
@@ -449,7 +449,7 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
         normalized, inverse_norms = normalize_gramian(gramian, min_norm=_MIN_NORM)
         mixture = alpha
         if self.pcgrad:
-            mixture = alpha @ pcgrad_coefficients(normalized, alpha, eps=_PROJECTION_EPS)
+            mixture = pcgrad_combination(normalized, alpha, alpha, eps=_PROJECTION_EPS)
         return mixture * inverse_norms, alpha
 
     def get_extra_state(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from torchjd.linalg import PSDMatrix
 from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
 from ._gramian import accumulation_dtype, all_finite, nan_unless, normalize_gramian
 from ._kernels.golden_qp import solve_golden_qp
-from ._kernels.pcgrad import pcgrad_coefficients
+from ._kernels.pcgrad import pcgrad_combination
 from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_bool, check_input, check_int, check_real
@@ -81,10 +81,7 @@ def golden_pendulum_weights(
     m = gramian.shape[0]
     targets = golden_ratio_weights(m, device=gramian.device, dtype=gramian.dtype)
     alpha = solve_golden_qp(normalized, targets, lam, n_iter, min_weight_fraction / m)
-    if pcgrad:
-        mixture = alpha @ pcgrad_coefficients(normalized, alpha, eps=_PROJECTION_EPS)
-    else:
-        mixture = alpha
+    mixture = pcgrad_combination(normalized, alpha, alpha, eps=_PROJECTION_EPS) if pcgrad else alpha
     return mixture * inverse_norms, alpha
 
 
