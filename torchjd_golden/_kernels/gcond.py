@@ -8,8 +8,11 @@ replaces the pair's rows by a :math:`2 \times 2` mix of the old ones, :math:`(r_
 \leftarrow M D_{fs}` and the columns :math:`D_{:,fs} \leftarrow D_{:,fs} M^\top`. Both paths use
 this one convention, with :math:`M` from :func:`_mixing` (host) or its tensor twin.
 
-The host path keeps the masked cosine matrix up to date: a mix changes two rows and two columns
-of it, so an iteration is :math:`O(m)` vector work and one ``argmin``. The tensor path
+The host path keeps :math:`C` and :math:`D` side by side (one row operation mixes both), keeps
+:math:`D` exactly symmetric (its columns copied from its rows, the pair's block mixed on both
+sides), and keeps a symmetric cosine matrix up to date: a mix changes two of its rows and
+columns, so an iteration is :math:`O(m)` vector work and one ``argmin`` (whose first minimum in
+row-major order is the reference's first pair in scan order). The tensor path
 recomputes the :math:`m \times m` cosines at each of its ``max_iters`` iterations (each inert
 once no pair is left), with no host synchronisation. A NaN stops both loops (its step is
 discarded by the caller).
@@ -176,9 +179,14 @@ class _HostResolution:
             norms = np.sqrt(np.maximum(inner.diagonal(), 0.0))
             capped = norms > settings.norm_cap
             scale[capped] = settings.norm_cap / (norms[capped] + settings.eps)
-        self.coefficients = np.diag(scale)
-        self.inner = inner * np.outer(scale, scale)
-        self.cross = host_array(cross)
+        # The rows of C and of D side by side, so that a mix of two rows is one row operation.
+        # D is kept exactly symmetric (its columns are copied from its rows), from its upper
+        # triangle, the products the reference forms (i < j).
+        inner = inner * np.outer(scale, scale)
+        inner = np.triu(inner) + np.triu(inner, 1).T
+        self.rows = np.hstack([np.diag(scale), inner])
+        self.coefficients, self.inner = self.rows[:, :m], self.rows[:, m:]
+        self.cross_columns = host_array(cross).T.copy()  # row k: the column of X for task k
         self.previous_norms = np.sqrt(np.maximum(host_array(previous_norms_sq), 0.0))
         self.norm_ema = host_array(norm_ema)
         self.ring: list[int] = history.tolist()
@@ -187,13 +195,14 @@ class _HostResolution:
         first = max(0, self.count - window)
         self.winners = [self.ring[k % window] for k in range(first, self.count)] if window else []
 
-        # The cosine of each usable pair i < j, inf elsewhere (a row with |r|^2 < eps is never
-        # paired: it is "blocked"), kept up to date by _mix.
+        # The cosine of each usable pair, symmetric, inf on the diagonal and for a row with
+        # |r|^2 < eps (it is "blocked": never paired), kept up to date by _mix. Its first
+        # minimum in row-major order is the reference's first pair i < j with the smallest
+        # cosine: the twin (j, i) of a pair comes after every pair (a, b) with a <= i.
         squares = self.inner.diagonal()
         self.blocked = np.where(squares >= settings.eps, 0.0, np.inf)
-        cosines = self.inner / (np.sqrt(abs(np.outer(squares, squares))) + settings.eps)
-        cosines += self.blocked[:, None] + self.blocked
-        self.cosines = np.where(np.triu(np.ones((m, m), dtype=bool), 1), cosines, np.inf)
+        self.cosines = self._cosines_with(np.arange(m))
+        np.fill_diagonal(self.cosines, np.inf)
 
     def run(self) -> Resolution:
         proj_iters, min_cosine_sim = 0, 1.0
@@ -213,7 +222,7 @@ class _HostResolution:
         for offset, winner in enumerate(self.winners):
             self.ring[(self.count - len(self.winners) + offset) % window] = winner
         return Resolution(
-            coefficients=torch.from_numpy(self.coefficients),
+            coefficients=torch.from_numpy(np.ascontiguousarray(self.coefficients)),
             history=torch.tensor(self.ring, dtype=torch.int64),
             history_count=torch.tensor(self.count, dtype=torch.int64),
             proj_iters=torch.tensor(float(proj_iters), dtype=torch.float64),
@@ -256,15 +265,15 @@ class _HostResolution:
         winner, loser = i, j
         full = window > 0 and len(self.winners) == window
         id_i, id_j = self.task_ids[i], self.task_ids[j]
-        if full and all(w == id_i for w in self.winners):
+        if full and self.winners.count(id_i) == window:
             winner, loser = j, i
-        elif not (full and all(w == id_j for w in self.winners)):
+        elif not (full and self.winners.count(id_j) == window):
             norms = [math.sqrt(max(float(self.inner[k, k]), 0.0)) for k in (i, j)]
             scaled = [norms[0] / (self.norm_ema[i] + eps), norms[1] / (self.norm_ema[j] + eps)]
             total = scaled[0] + scaled[1]
             scores = []
             for norm, k, scaled_norm in zip(norms, (i, j), scaled, strict=True):
-                previous_dot = float(self.coefficients[k] @ self.cross[:, k])
+                previous_dot = float(self.coefficients[k] @ self.cross_columns[k])
                 stability = previous_dot / (norm * float(self.previous_norms[k]) + eps)
                 strength = scaled_norm / (total + eps)
                 scores.append(stability_weight * max(stability, 0.0) + strength_weight * strength)
@@ -277,28 +286,43 @@ class _HostResolution:
         return winner, loser
 
     def _mix(self, first: int, second: int, mixing: tuple[float, float, float, float]) -> None:
-        # Rows of C, rows of D, then columns of D (the rows of its transposed view).
-        for matrix in (self.coefficients, self.inner, self.inner.T):
-            _mix_rows(matrix[first], matrix[second], mixing)
-        self._refresh_cosines(first)
-        self._refresh_cosines(second)
+        # The rows of C and D at once, then the columns of D: outside the pair's 2 x 2 block,
+        # they are the new rows (D is symmetric); the block is mixed on both sides.
+        _mix_rows(self.rows[first], self.rows[second], mixing)
+        inner = self.inner
+        p, q, r, s = mixing
+        ff, fs, sf, ss = (
+            inner[first, first],
+            inner[first, second],
+            inner[second, first],
+            inner[second, second],
+        )
+        inner[:, first] = inner[first]
+        inner[:, second] = inner[second]
+        inner[first, first], inner[first, second] = p * ff + q * fs, r * ff + s * fs
+        inner[second, first], inner[second, second] = p * sf + q * ss, r * sf + s * ss
+        eps = self.settings.eps
+        self.blocked[first] = 0.0 if inner[first, first] >= eps else np.inf
+        self.blocked[second] = 0.0 if inner[second, second] >= eps else np.inf
+        pair = np.array((first, second))
+        cosines = self._cosines_with(pair)
+        self.cosines[pair] = cosines
+        self.cosines[:, pair] = cosines.T
+        self.cosines[first, first] = self.cosines[second, second] = np.inf
 
-    def _refresh_cosines(self, task: int) -> None:
-        """Recomputes the cosines of ``task`` with the others, after its row changed."""
+    def _cosines_with(self, tasks: NDArray[np.intp]) -> NDArray[np.float64]:
+        """
+        The cosines of ``tasks`` with every row, inf where either row is blocked: entry (a, b)
+        is <r_a, r_b> / (sqrt(|r_a|^2 |r_b|^2) + eps), the reference's formula (abs: a row
+        rounded to a tiny negative |r|^2 is blocked, and must not give a NaN).
+        """
 
-        inner, eps = self.inner, self.settings.eps
-        squares = inner.diagonal()
-        self.blocked[task] = 0.0 if squares[task] >= eps else np.inf
-        # Entry (a, b), a < b, is <r_a, r_b> / (sqrt(|r_a|^2 |r_b|^2) + eps), the reference's order
-        # (abs: a row rounded to a tiny negative |r|^2 is blocked, and must not give a NaN).
-        later = inner[task, task + 1 :] / (np.sqrt(abs(squares[task] * squares[task + 1 :])) + eps)
-        later += self.blocked[task + 1 :]
-        earlier = inner[:task, task] / (np.sqrt(abs(squares[:task] * squares[task])) + eps)
-        earlier += self.blocked[:task]
-        if self.blocked[task]:
-            later[:], earlier[:] = np.inf, np.inf
-        self.cosines[task, task + 1 :] = later
-        self.cosines[:task, task] = earlier
+        squares = self.inner.diagonal()
+        products = np.abs(np.multiply.outer(squares[tasks], squares))
+        cosines: NDArray[np.float64] = self.inner[tasks] / (np.sqrt(products) + self.settings.eps)
+        cosines += self.blocked
+        cosines += self.blocked[tasks, None]
+        return cosines
 
 
 def _mix_rows(
