@@ -2,8 +2,9 @@
 All the benchmarks in one command: ``python -m benchmarks [--quick] [--gcond-reference PATH]``.
 
 Sections: aggregation time against the floor and the references, cost growth, peak memory per
-call, a full training step, and GCond's accumulate-and-resolve step (see each module's
-docstring). Every ratio is measured within one run; timings are medians.
+call, a full training step, GCond's accumulate-and-resolve step, and many tasks (m up to 512:
+time, memory, growth and precision); see each module's docstring. Every ratio is measured within
+one run; timings are medians.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import platform
 
 import torch
 
-from . import aggregation, gcond, training_step
+from . import aggregation, gcond, tasks, training_step
 
 
 def main() -> None:
@@ -24,8 +25,8 @@ def main() -> None:
     parser.add_argument("--gcond-reference", help="path to the official grad_conductor.py")
     parser.add_argument(
         "--sections",
-        default="time,growth,memory,step,gcond",
-        help="comma-separated subset of time,growth,memory,step,gcond (default: all)",
+        default="time,growth,memory,step,gcond,tasks",
+        help="comma-separated subset of time,growth,memory,step,gcond,tasks (default: all)",
     )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -51,6 +52,8 @@ def main() -> None:
         training_step.step_table(3 * repeat)  # a step is noisier than a call
     if "gcond" in sections:
         gcond.step_table(reference, repeat)
+    if "tasks" in sections:
+        tasks.run(args.quick, 3)
 
 
 if __name__ == "__main__":

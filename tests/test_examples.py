@@ -26,6 +26,7 @@ RUNS = {
     "curriculum.py": (["--steps", "3"], "resumed mid-phase: identical"),
     "diagnostics.py": (["--steps", "20"], "=== Golden Pendulum Diagnostics (last 10 steps) ==="),
     "presets.py": ([], "robotics_control    joint        50000"),
+    "tasks_by_name.py": (["--steps", "12"], "with names: 0 resets"),
 }
 
 

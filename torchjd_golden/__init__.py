@@ -17,6 +17,7 @@ from ._dynamic_k import DynamicK, DynamicKWeighting, TaskGroup
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
 from ._gcond import GCond, GCondWeighting
+from ._gcond_statistics import GCondStatistics
 from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
 from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
 from ._presets import Preset, get_preset, list_presets
@@ -37,6 +38,7 @@ __all__ = [
     "ExcessMTLWeighting",
     "GABAWeighting",
     "GCond",
+    "GCondStatistics",
     "GCondWeighting",
     "GoldenPendulum",
     "GoldenPendulumWeighting",

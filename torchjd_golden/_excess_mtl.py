@@ -140,6 +140,13 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
     experiments to free :math:`S`. A change in the number of tasks or of parameters resets the
     state with a warning.
 
+    **Tasks by name.** With :attr:`tasks` set, a change of tasks resets nothing: the rows of
+    :math:`S`, the weights, the warm-up sums, the baselines and the warm-up progress are kept per
+    task name (only the step count is shared). A task absent from a call keeps all of them; a new
+    task starts with its own warm-up (a row of zeros in :math:`S`, weight :math:`1/m`) while the
+    others go on with theirs; the weights of the call's tasks are renormalised to sum to one over
+    them before the update, which is a softmax over them. A change of parameters still resets.
+
     **Non-finite input.** A Jacobian with inf or NaN leaves every part of the state untouched and
     gives NaN weights, so a ``GradScaler`` skips the step and the next step proceeds as if it
     never happened. (torchjd's class accumulates the inf into :math:`S` and returns NaN from then

@@ -79,7 +79,16 @@ class GCondWeighting(
     and squared norms, the norm averages, the winner history (a ring buffer) and counters. A
     checkpoint holds the previous Jacobian only. A Jacobian with inf or NaN leaves the state
     untouched and gives NaN weights. The number of resolution iterations and the smallest
-    cosine of the last call are :attr:`proj_iters` and :attr:`min_cosine_sim`, for monitoring.
+    cosine of the last call are :attr:`proj_iters` and :attr:`min_cosine_sim`, for monitoring;
+    :meth:`stats` gives all of the official statistics.
+
+    **Tasks by name.** With :attr:`tasks` set, a change of tasks resets nothing. Per task name:
+    the norm average (a new task starts at 1.0, the official initial value), the previous
+    resolved row (each row of the store is tagged with its task) and the winner history's
+    entries, which hold names, not positions. The stability score of a task present in this call
+    and in the previous one reads its own previous row, wherever it was; a task absent from the
+    previous call has none, as at the official first step (:math:`p_k = 0`, stability 0). The
+    momentum (in :class:`GCond`) and the step count are shared.
     """
 
     _state_names = (
