@@ -12,7 +12,7 @@ as tensors on its device until a report, the alerts or the summary are read.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 
 from ._golden_pendulum import golden_ratio_weights
 from ._gramian import compute_gramian, normalize_gramian, row_norms
-from ._tasks import check_task_names
+from ._tasks import NamedTasks, check_task_names
 from ._torchjd_compat import GramianWeightingBase
 from ._validation import check_bool, check_int, check_real
 
@@ -79,7 +79,7 @@ class ConflictReport:
     resonance_score: float = 0.0
 
 
-class ConflictMonitor:
+class ConflictMonitor(NamedTasks):
     r"""
     Gradient-conflict diagnostics of a training run, from the Gramians its aggregator computes:
     the engine of ``golden_pendulum.pro.DiagnosticsEngine`` without its extra backward pass.
@@ -156,7 +156,7 @@ class ConflictMonitor:
         alert_norm_ratio: float = 100.0,
         alert_balance_floor: float = 0.10,
         *,
-        tasks: Iterable[Hashable] | None = None,
+        tasks: Sequence[Hashable] | None = None,
         rounded: bool = False,
         target_dtype: torch.dtype | None = None,
     ) -> None:
@@ -168,15 +168,6 @@ class ConflictMonitor:
         self.rounded = check_bool("rounded", rounded)
         self.target_dtype = target_dtype if target_dtype is not None else torch.float64
         self.reset()
-
-    @property
-    def tasks(self) -> tuple[Hashable, ...] | None:
-        """The task names of the coming records (kept until changed), or ``None``."""
-        return self._tasks
-
-    @tasks.setter
-    def tasks(self, value: Iterable[Hashable] | None) -> None:
-        self._tasks = check_task_names(value)
 
     @property
     def step_count(self) -> int:

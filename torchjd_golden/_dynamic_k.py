@@ -21,7 +21,11 @@ from torchjd import Stateful
 from torchjd.linalg import Matrix, PSDMatrix
 
 from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
-from ._golden_pendulum import GoldenPendulumWeighting, golden_ratio_weights
+from ._golden_pendulum import (
+    GoldenPendulumParameters,
+    GoldenPendulumWeighting,
+    golden_ratio_weights,
+)
 from ._gramian import (
     accumulation_dtype,
     all_finite,
@@ -30,7 +34,7 @@ from ._gramian import (
     normalize_gramian,
 )
 from ._kernels.pcgrad import pcgrad_combination
-from ._tasks import TaskNames, check_task_names
+from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
 from ._validation import check_bool, check_input, check_int, check_real
 
@@ -115,7 +119,9 @@ class _Block:
     rows: tuple[int, ...]
 
 
-class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
+class DynamicKWeighting(
+    GoldenPendulumParameters, NamedTasks, GramianWeightingBase, Stateful, NonDifferentiable
+):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.PSDMatrix`] of :class:`DynamicK`: Golden Pendulum within groups of
@@ -198,7 +204,6 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
         self.min_weight_fraction = min_weight_fraction
         self.pcgrad = pcgrad
         self.pcgrad_across_groups = pcgrad_across_groups
-        self._tasks: tuple[Hashable, ...] | None = None
         self.step_count = 0
         self.alpha: Tensor | None = None
         self.active_groups: tuple[TaskGroup, ...] = ()
@@ -211,15 +216,6 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
     @groups.setter
     def groups(self, value: Sequence[GroupSpec]) -> None:
         self._groups = _checked_groups(value)
-
-    @property
-    def tasks(self) -> tuple[Hashable, ...] | None:
-        """The names of the rows of the coming calls (kept until changed); ``None``: 0..m-1."""
-        return self._tasks
-
-    @tasks.setter
-    def tasks(self, value: Iterable[Hashable] | None) -> None:
-        self._tasks = check_task_names(value)
 
     @property
     def auto_group(self) -> bool:
@@ -256,33 +252,6 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
     @lam.setter
     def lam(self, value: float) -> None:
         self._lam = check_real("lam", value, low=0.0)
-
-    @property
-    def n_iter(self) -> int:
-        """Number of projected-gradient steps of each QP."""
-        return self._n_iter
-
-    @n_iter.setter
-    def n_iter(self, value: int) -> None:
-        self._n_iter = check_int("n_iter", value, low=0)
-
-    @property
-    def min_weight_fraction(self) -> float:
-        """Floor of the QP weights within a group, as a fraction of one over its size."""
-        return self._min_weight_fraction
-
-    @min_weight_fraction.setter
-    def min_weight_fraction(self, value: float) -> None:
-        self._min_weight_fraction = check_real("min_weight_fraction", value, low=0.0, high=1.0)
-
-    @property
-    def pcgrad(self) -> bool:
-        """Whether conflicts are resolved with PCGrad."""
-        return self._pcgrad
-
-    @pcgrad.setter
-    def pcgrad(self, value: bool) -> None:
-        self._pcgrad = check_bool("pcgrad", value)
 
     @property
     def pcgrad_across_groups(self) -> bool:
@@ -370,14 +339,8 @@ class DynamicKWeighting(GramianWeightingBase, Stateful, NonDifferentiable):
         return nan_unless(all_finite(working), weights).to(gramian.dtype)
 
     def _row_names(self, m: int) -> tuple[Hashable, ...]:
-        if self._tasks is None:
-            return tuple(range(m))
-        if len(self._tasks) != m:
-            raise ValueError(
-                f"`{self.__class__.__name__}` has {len(self._tasks)} task names {self._tasks!r} "
-                f"for a call with {m} rows: set `.tasks` to the names of this call's rows."
-            )
-        return self._tasks
+        names = self._call_tasks(m)
+        return tuple(range(m)) if names is None else names
 
     def _blocks(self, names: tuple[Hashable, ...]) -> list[_Block]:
         row_of = {name: row for row, name in enumerate(names)}
