@@ -381,7 +381,9 @@ class DynamicKWeighting(
             _, inverse_norm = normalize_gramian(sub, min_norm=_MIN_NORM)
             return inverse_norm, torch.ones_like(inverse_norm)
         lam = self.lam if block.group.lam is None else block.group.lam
-        golden = GoldenPendulumWeighting(lam, self.n_iter, self.min_weight_fraction, pcgrad)
+        golden = GoldenPendulumWeighting(
+            lam=lam, n_iter=self.n_iter, min_weight_fraction=self.min_weight_fraction, pcgrad=pcgrad
+        )
         weights = golden(sub)
         assert golden.alpha is not None
         return weights, golden.alpha

@@ -228,13 +228,13 @@ class GCondWeighting(
             )
         else:  # the reference returns a single task's gradient untouched
             resolution = Resolution(
-                torch.ones(1, 1, dtype=gramian.dtype, device=gramian.device),
-                self.winner_history,
-                self.winner_count,
-                torch.zeros((), dtype=gramian.dtype, device=gramian.device),
-                torch.ones((), dtype=gramian.dtype, device=gramian.device),
-                torch.zeros((), dtype=torch.int64, device=gramian.device),
-                torch.full((), -1, dtype=torch.int64, device=gramian.device),
+                coefficients=torch.ones(1, 1, dtype=gramian.dtype, device=gramian.device),
+                history=self.winner_history,
+                history_count=self.winner_count,
+                proj_iters=torch.zeros((), dtype=gramian.dtype, device=gramian.device),
+                min_cosine_sim=torch.ones((), dtype=gramian.dtype, device=gramian.device),
+                last_zone=torch.zeros((), dtype=torch.int64, device=gramian.device),
+                last_winner=torch.full((), -1, dtype=torch.int64, device=gramian.device),
             )
 
         exact = resolution.coefficients.to(device=gramian.device, dtype=torch.float64)
@@ -287,11 +287,11 @@ class GCondWeighting(
 
     def _store(self) -> Store:
         return Store(
-            self.jacobians,
-            self.region_tasks,
-            self.previous_half,
-            self.previous_coefficients,
-            self.previous_norms_sq,
+            jacobians=self.jacobians,
+            region_tasks=self.region_tasks,
+            previous_half=self.previous_half,
+            previous_coefficients=self.previous_coefficients,
+            previous_norms_sq=self.previous_norms_sq,
         )
 
     def __repr__(self) -> str:

@@ -66,11 +66,11 @@ def grown_store(store: Store, rows: int) -> Store:
     regions = store.jacobians.view(2, capacity, n)
     tasks = store.region_tasks.view(2, capacity)
     return Store(
-        nn.functional.pad(regions, (0, 0, 0, extra)).reshape(2 * rows, n),
-        nn.functional.pad(tasks, (0, extra), value=-1).reshape(2 * rows),
-        store.previous_half,
-        nn.functional.pad(store.previous_coefficients, (0, extra, 0, extra)),
-        nn.functional.pad(store.previous_norms_sq, (0, extra)),
+        jacobians=nn.functional.pad(regions, (0, 0, 0, extra)).reshape(2 * rows, n),
+        region_tasks=nn.functional.pad(tasks, (0, extra), value=-1).reshape(2 * rows),
+        previous_half=store.previous_half,
+        previous_coefficients=nn.functional.pad(store.previous_coefficients, (0, extra, 0, extra)),
+        previous_norms_sq=nn.functional.pad(store.previous_norms_sq, (0, extra)),
     )
 
 

@@ -397,13 +397,13 @@ class _TensorResolution:
             active = found
             self._resolve(lowest, i, j, found)
         return Resolution(
-            self.coefficients,
-            self.history,
-            self.history_count,
-            proj_iters,
-            min_cosine_sim,
-            self.last_zone,
-            self.last_winner,
+            coefficients=self.coefficients,
+            history=self.history,
+            history_count=self.history_count,
+            proj_iters=proj_iters,
+            min_cosine_sim=min_cosine_sim,
+            last_zone=self.last_zone,
+            last_winner=self.last_winner,
         )
 
     def _lowest_pair(self) -> tuple[Tensor, Tensor, Tensor]:

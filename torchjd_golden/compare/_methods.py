@@ -124,7 +124,12 @@ def build_method(name: str, workload: Workload, steps: int) -> Method:
     settings = SETTINGS.get(type(plain).__name__, _UNLISTED)
     keywords = settings.keywords(workload, steps)
     aggregator = _construct(name, keywords, n_tasks=len(workload.tasks)) if keywords else plain
-    return Method(name, str(aggregator) + settings.label_suffix, aggregator, settings)
+    return Method(
+        name=name,
+        label=str(aggregator) + settings.label_suffix,
+        aggregator=aggregator,
+        settings=settings,
+    )
 
 
 def _construct(name: str, keywords: dict[str, Any], n_tasks: int) -> Aggregator:

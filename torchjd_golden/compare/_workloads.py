@@ -126,5 +126,11 @@ def _split(
     test = order[: inputs.shape[0] // 5]
     train = order[inputs.shape[0] // 5 :]
     return Workload(
-        name, description, tasks, inputs[train], targets[train], inputs[test], targets[test]
+        name=name,
+        description=description,
+        tasks=tasks,
+        train_inputs=inputs[train],
+        train_targets=targets[train],
+        test_inputs=inputs[test],
+        test_targets=targets[test],
     )

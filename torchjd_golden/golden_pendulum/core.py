@@ -62,7 +62,9 @@ def golden_nash_backward(
         is added to ``.grad``).
     """
 
-    aggregator = GoldenPendulum(lam, n_iter, min_weight_fraction, pcgrad)
+    aggregator = GoldenPendulum(
+        lam=lam, n_iter=n_iter, min_weight_fraction=min_weight_fraction, pcgrad=pcgrad
+    )
     return golden_backward(aggregator, losses, model, shared_params)
 
 
@@ -86,7 +88,9 @@ class GoldenPendulumMTL:
         pcgrad: bool = True,
     ) -> None:
         self.n_tasks = n_tasks
-        self.aggregator = GoldenPendulum(lam, n_iter, min_weight_fraction, pcgrad)
+        self.aggregator = GoldenPendulum(
+            lam=lam, n_iter=n_iter, min_weight_fraction=min_weight_fraction, pcgrad=pcgrad
+        )
         self.weight_history: list[dict[str, float]] = []
         self._step = 0
 

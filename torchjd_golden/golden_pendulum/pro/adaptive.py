@@ -51,16 +51,16 @@ class AdaptiveLambda:
         pcgrad: bool = True,
     ) -> None:
         self.aggregator = AdaptiveGoldenPendulum(
-            lam_init,
-            lam_min,
-            lam_max,
-            ema_decay,
-            conflict_target,
-            sensitivity,
-            loss_ratio_aware,
-            n_iter,
-            min_weight_fraction,
-            pcgrad,
+            lam_init=lam_init,
+            lam_min=lam_min,
+            lam_max=lam_max,
+            ema_decay=ema_decay,
+            conflict_target=conflict_target,
+            sensitivity=sensitivity,
+            loss_ratio_aware=loss_ratio_aware,
+            n_iter=n_iter,
+            min_weight_fraction=min_weight_fraction,
+            pcgrad=pcgrad,
         )
         self._step = 0
         self._history: list[dict[str, Any]] = []

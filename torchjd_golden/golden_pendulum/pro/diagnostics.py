@@ -33,10 +33,10 @@ class DiagnosticsEngine:
         alert_balance_floor: float = 0.10,
     ) -> None:
         self.monitor = ConflictMonitor(
-            window_size,
-            alert_conflict_ratio,
-            alert_norm_ratio,
-            alert_balance_floor,
+            window_size=window_size,
+            alert_conflict_ratio=alert_conflict_ratio,
+            alert_norm_ratio=alert_norm_ratio,
+            alert_balance_floor=alert_balance_floor,
             rounded=True,
             target_dtype=torch.float32,
         )
