@@ -26,6 +26,7 @@ from ._gramian import (
     combine_rows,
     nan_unless,
 )
+from ._kernels._paths import chosen_path
 from ._kernels.gcond import Resolution, resolve_conflicts
 from ._state import LazyState
 from ._tasks import NamedTasks, TaskNames
@@ -414,7 +415,7 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         )
         self.momentum_beta = momentum_beta
         self._register_state()
-        self.register_buffer("update_norm", None, persistent=False)  # for stats()
+        self._norm_of: tuple[Tensor, Tensor | None] | None = None  # for stats()
 
     conflict_thresholds = ForwardedConverting[tuple[float, float, float], Sequence[float]](
         GCondWeighting.conflict_thresholds
@@ -449,9 +450,45 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         }
 
     def forward(self, matrix: Matrix, /) -> Tensor:
-        update = self._update(matrix)
-        self.update_norm = torch.linalg.vector_norm(update.detach())  # one pass over n values
-        return update
+        weights = self.weighting(matrix)
+        beta = self.momentum_beta
+        if beta == 0.0:
+            update = combine_rows(weights, matrix)
+            # Read now: the caller owns the update (the gradients may be views of it).
+            self._norm_of = (torch.linalg.vector_norm(update.detach()).reshape(1), None)
+            return update
+
+        # The weighting has warned if it reset for new sizes; the momentum follows it silently.
+        self._ensure_state((matrix.shape[1],), matrix, warn=False)
+        # The momentum restarts with the weighting: on its first step ever or after a reset.
+        restarted = self.weighting.step_count == 1
+        step = torch.where(restarted, 1, self.step_count + 1)
+        finite = all_finite(weights)
+        if chosen_path(matrix) == "host" and bool(finite):  # CPU tensors: reads, no syncs
+            # In place: no pass for the restart, and none for keeping the state of a bad step.
+            momentum = self.momentum
+            if bool(restarted):
+                momentum.zero_()
+            self._accumulate(momentum, weights, matrix, beta)
+            self.step_count.copy_(step)
+        else:
+            momentum = torch.where(restarted, 0.0, self.momentum)
+            self._accumulate(momentum, weights, matrix, beta)
+            self._commit(finite, momentum=momentum, step_count=step)
+        bias_correction = (1.0 - torch.pow(beta, step.to(torch.float64))).to(momentum.dtype)
+        # The momentum changes in place at the next call only, which replaces this pair.
+        self._norm_of = (momentum, bias_correction)
+        return (momentum / bias_correction).to(matrix.dtype)
+
+    @staticmethod
+    def _accumulate(momentum: Tensor, weights: Tensor, matrix: Tensor, beta: float) -> None:
+        r""":math:`m \leftarrow \beta m + (1 - \beta) w^\top J`, in place."""
+
+        if matrix.dtype == momentum.dtype:  # one pass over J for the product and the average
+            momentum.addmv_(matrix.T, weights.to(momentum.dtype), beta=beta, alpha=1.0 - beta)
+        else:
+            resolved = combine_rows(weights, matrix, dtype=momentum.dtype)
+            momentum.mul_(beta).add_(resolved, alpha=1.0 - beta)
 
     def stats(self) -> GCondStatistics:
         """
@@ -459,37 +496,19 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         :class:`GCondStatistics`): tensors until :meth:`GCondStatistics.as_dict` reads them.
         """
 
-        return self.weighting.stats(final_grad_norm=self.update_norm)
-
-    def _update(self, matrix: Matrix) -> Tensor:
-        weights = self.weighting(matrix)
-        beta = self.momentum_beta
-        if beta == 0.0:
-            return combine_rows(weights, matrix)
-
-        # The weighting has warned if it reset for new sizes; the momentum follows it silently.
-        self._ensure_state((matrix.shape[1],), matrix, warn=False)
-        # The momentum restarts with the weighting: on its first step ever or after a reset.
-        restarted = self.weighting.step_count == 1
-        previous = torch.where(restarted, 0.0, self.momentum)
-        step = torch.where(restarted, 1, self.step_count + 1)
-        finite = all_finite(weights)
-        dtype = self.momentum.dtype
-        if matrix.dtype == dtype:  # one pass over J for the product and the average
-            momentum = torch.addmv(
-                previous, matrix.T, weights.to(dtype), beta=beta, alpha=1.0 - beta
-            )
-        else:
-            resolved = combine_rows(weights, matrix, dtype=dtype)
-            momentum = torch.add(beta * previous, resolved, alpha=1.0 - beta)
-        self._commit(finite, momentum=momentum, step_count=step)
-        bias_correction = 1.0 - torch.pow(beta, step.to(torch.float64))
-        return (momentum / bias_correction.to(dtype)).to(matrix.dtype)
+        final_grad_norm = None
+        if self._norm_of is not None:  # the norm of the last update, read from what made it
+            vector, bias_correction = self._norm_of
+            final_grad_norm = torch.linalg.vector_norm(vector)
+            if bias_correction is not None:
+                final_grad_norm = final_grad_norm / bias_correction
+        return self.weighting.stats(final_grad_norm=final_grad_norm)
 
     def reset(self) -> None:
         """Forgets the momentum and the weighting's state."""
         super().reset()
         self.weighting.reset()
+        self._norm_of = None
 
     def __repr__(self) -> str:
         return (
