@@ -13,6 +13,7 @@ from torchjd.aggregation import ExcessMTL as TorchJDExcessMTL
 
 from benchmarks._measure import peak_memory_supported
 from torchjd_golden import ExcessMTL, ExcessMTLWeighting, _excess_mtl
+from torchjd_golden._kernels import solver_path
 
 from ._asserts import (
     assert_compiled_matches_eager,
@@ -233,3 +234,37 @@ def test_a_change_of_precision_resets_as_torchjd_does() -> None:
         else:
             output = ours(matrix)
         assert_close(output, theirs(matrix), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_the_host_path_reads_the_finite_flag_and_equals_the_tensor_path() -> None:
+    """
+    On the host path a finite step is known before S is touched, so the chunks of J are read in
+    place: the caller's J is never written (rows that need scaling included) and the weights and
+    S are the tensor path's, bit for bit, through a non-finite step and a subset of named tasks.
+    """
+
+    jacobians = _sequence(4, 300, length=6, seed=8)
+    jacobians[2] = jacobians[2].clone()
+    jacobians[2][1, 7] = torch.nan
+    jacobians[4] = jacobians[4].clone()
+    jacobians[4][3] *= 1e30  # squares beyond float32: a scaled row
+    names = [("a", "b", "c", "d")] * 5 + [("d", "b")]
+    jacobians[5] = jacobians[5][:2]
+    results = {}
+    for path in ("host", "tensor"):
+        weighting, outputs = ExcessMTLWeighting(n_warmup_steps=1), []
+        with solver_path(path):
+            for jacobian, tasks in zip(jacobians, names, strict=True):
+                weighting.tasks = tasks
+                before = jacobian.clone()
+                outputs.append(weighting(jacobian))
+                assert torch.equal(jacobian.nan_to_num(), before.nan_to_num())
+        results[path] = (outputs, weighting.sq_grad_sum.clone())
+    (host, host_sum), (tensor, tensor_sum) = results["host"], results["tensor"]
+    for a, b in zip(host, tensor, strict=True):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+        assert torch.equal(a.isnan(), b.isnan())
+    assert torch.equal(host_sum, tensor_sum)
+    assert host[2].isnan().all()
+    assert host[4].isfinite().all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ _CHUNK_ELEMENTS = 1 << 18
 def accumulate_excess_risks(
     matrix: Tensor,
     squared_sum: Tensor,
-    finite: Tensor,
+    finite: Tensor | Literal[True],
     scales: Tensor | None = None,
     rescales: Tensor | None = None,
     rows: Tensor | None = None,
@@ -59,7 +59,8 @@ def accumulate_excess_risks(
 
     The columns are processed in chunks, so the only temporaries are two chunk-sized blocks (and,
     for a subset of rows, the chunk of those rows). When ``finite`` (a 0-dim boolean tensor) is
-    false, :math:`S` is left bit-for-bit unchanged.
+    false, :math:`S` is left bit-for-bit unchanged. ``finite=True`` (a Python bool: the caller
+    has read it) skips the chunk's masked copy.
     """
 
     m, n = matrix.shape
@@ -71,14 +72,15 @@ def accumulate_excess_risks(
         eps = (_EPS / scales**2).unsqueeze(1)  # 1e-7 added to S, in the units of S / sigma^2
     width = max(1, _CHUNK_ELEMENTS // max(m, 1))
     for start in range(0, n, width):
-        # A copy in the state's dtype (never the caller's J: where allocates it), zero on a
-        # non-finite step so that S stays unchanged.
-        chunk = matrix[:, start : start + width].to(squared_sum.dtype)
-        gradients = torch.where(finite, chunk, zero)
+        # In the state's dtype; zero on a non-finite step, so that S stays unchanged. Nothing
+        # below writes into it: it may be a view of the caller's J.
+        gradients = matrix[:, start : start + width].to(squared_sum.dtype)
+        if finite is not True:
+            gradients = torch.where(finite, gradients, zero)
+        if scales is not None:
+            gradients = gradients * inverse_scales
         columns = squared_sum[:, start : start + width]
         accumulated = columns if rows is None else columns.index_select(0, rows)
-        if scales is not None:
-            gradients.mul_(inverse_scales)
         if rescales is not None:
             accumulated.mul_(rescales.unsqueeze(1))
         accumulated.addcmul_(gradients, gradients)
@@ -238,8 +240,12 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         check_input(matrix, self, gramian=False)
         rows = self._ensure_state((matrix.shape[0], matrix.shape[1]), matrix)
         finite, scales, rescales = self._scales(matrix.detach(), rows)
+        # On the host path the flag is read (a CPU tensor: no sync), sparing a masked copy of J.
+        read: Tensor | Literal[True] = (
+            True if chosen_path(matrix) == "host" and bool(finite) else finite
+        )
         risks = accumulate_excess_risks(
-            matrix.detach(), self.sq_grad_sum, finite, scales, rescales, rows
+            matrix.detach(), self.sq_grad_sum, read, scales, rescales, rows
         )
         if scales is None:  # all ones, unchanged
             scales = self._task_rows("sq_grad_scale", rows)
