@@ -110,3 +110,11 @@ def test_the_wrapper_shares_the_state_and_works_with_the_optimized_gramian() -> 
     assert int(gaba.gramian_weighting.step_count) == 1
     unscaled = GABA(warmup_steps=0)(torch.stack([torch.ones(3), 2 * parameter.detach()]))
     torch.testing.assert_close(parameter.grad / 8.0, unscaled)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_wrapper_reads_as_the_call_that_made_it(name: str) -> None:
+    aggregator = METHODS[name]()
+    assert repr(with_grad_scaler(aggregator, GradScaler("cpu"))) == (
+        f"with_grad_scaler({aggregator!r})"
+    )

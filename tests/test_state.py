@@ -140,3 +140,16 @@ def test_state_lives_in_buffers_only(case: Method) -> None:
     assert all(isinstance(value, Tensor) for value in state.values())
     counts = [int(v) for name, v in state.items() if name.endswith("step_count") and v.numel()]
     assert 3 in counts
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_each_buffer_is_listed_once_in_the_state_dict(case: Method) -> None:
+    """A Gramian aggregator reaches its weighting's buffers by two paths; only one is saved."""
+
+    module = case.make()
+    for x in _inputs(case, count=2):
+        case.step(module, x)
+    state = module.state_dict(keep_vars=True)
+    stored = [value.data_ptr() for value in state.values() if value.numel()]
+    assert len(stored) == len(set(stored)), sorted(state)
+    assert not any(".weighting.weighting." in f".{name}" for name in state)
