@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchjd.linalg import Matrix
 
 from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
-from ._gcond_parameters import GCondParameters
+from ._gcond_parameters import GCondParameters, parameters_repr
 from ._gcond_statistics import GCondStatistics
 from ._gcond_store import Store, checkpoint_form, grown_store, loaded_form, store_products
 from ._gramian import (
@@ -296,7 +296,7 @@ class GCondWeighting(
         )
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self._parameters_repr()}, eps={self.eps!r})"
+        return f"{self.__class__.__name__}({parameters_repr(self)}, eps={self.eps!r})"
 
 
 class GCond(MatrixAggregator, LazyState, NonDifferentiable):
@@ -512,6 +512,6 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}({self.weighting._parameters_repr()}, "
+            f"{self.__class__.__name__}({parameters_repr(self)}, "
             f"momentum_beta={self.momentum_beta!r}, eps={self.eps!r})"
         )

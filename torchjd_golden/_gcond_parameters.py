@@ -134,12 +134,21 @@ class GCondParameters:
             eps=self.eps,
         )
 
-    def _parameters_repr(self) -> str:
-        return (
-            f"conflict_thresholds={self.conflict_thresholds!r}, "
-            f"use_smooth_logic={self.use_smooth_logic!r}, remap_power={self.remap_power!r}, "
-            f"dominance_window={self.dominance_window!r}, "
-            f"tie_breaking_weights={self.tie_breaking_weights!r}, "
-            f"norm_ema_beta={self.norm_ema_beta!r}, norm_cap={self.norm_cap!r}, "
-            f"projection_max_iters={self.projection_max_iters!r}"
-        )
+
+PARAMETER_NAMES = (
+    "conflict_thresholds",
+    "use_smooth_logic",
+    "remap_power",
+    "dominance_window",
+    "tie_breaking_weights",
+    "norm_ema_beta",
+    "norm_cap",
+    "projection_max_iters",
+)
+"""The resolution's parameters, in the constructors' order."""
+
+
+def parameters_repr(owner: object) -> str:
+    """The resolution's parameters of ``owner`` (a GCond weighting or aggregator), as keywords."""
+
+    return ", ".join(f"{name}={getattr(owner, name)!r}" for name in PARAMETER_NAMES)
