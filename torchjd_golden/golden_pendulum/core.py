@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .._golden_pendulum import PHI, GoldenPendulum
 from .._golden_pendulum import golden_ratio_weights as _golden_ratio_weights
 from ._backward import balanced_backward, single_task_backward, weights_by_name
+from ._settings import aggregator_setting
 
 __all__ = ["PHI", "GoldenPendulumMTL", "golden_nash_backward", "golden_ratio_weights"]
 
@@ -94,41 +95,10 @@ class GoldenPendulumMTL:
         self.weight_history: list[dict[str, float]] = []
         self._step = 0
 
-    @property
-    def lam(self) -> float:
-        """Strength of the pull towards the golden-ratio targets."""
-        return self.aggregator.lam
-
-    @lam.setter
-    def lam(self, value: float) -> None:
-        self.aggregator.lam = value
-
-    @property
-    def n_iter(self) -> int:
-        """Number of QP steps."""
-        return self.aggregator.n_iter
-
-    @n_iter.setter
-    def n_iter(self, value: int) -> None:
-        self.aggregator.n_iter = value
-
-    @property
-    def min_weight_fraction(self) -> float:
-        """Floor of each weight, as a fraction of one over the task count."""
-        return self.aggregator.min_weight_fraction
-
-    @min_weight_fraction.setter
-    def min_weight_fraction(self, value: float) -> None:
-        self.aggregator.min_weight_fraction = value
-
-    @property
-    def pcgrad(self) -> bool:
-        """Whether conflicts are resolved with PCGrad."""
-        return self.aggregator.pcgrad
-
-    @pcgrad.setter
-    def pcgrad(self, value: bool) -> None:
-        self.aggregator.pcgrad = value
+    lam = aggregator_setting(GoldenPendulum, "lam")
+    n_iter = aggregator_setting(GoldenPendulum, "n_iter")
+    min_weight_fraction = aggregator_setting(GoldenPendulum, "min_weight_fraction")
+    pcgrad = aggregator_setting(GoldenPendulum, "pcgrad")
 
     def backward(
         self,

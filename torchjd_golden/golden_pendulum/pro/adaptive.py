@@ -12,18 +12,7 @@ from ..._adaptive_golden_pendulum import AdaptiveGoldenPendulum
 from ..._golden_pendulum import golden_ratio_weights
 from ..._monitoring import gramian_diagnostics
 from .._backward import balanced_backward, single_task_backward, weights_by_name
-
-_FORWARDED = (
-    "lam_min",
-    "lam_max",
-    "ema_decay",
-    "conflict_target",
-    "sensitivity",
-    "loss_ratio_aware",
-    "n_iter",
-    "min_weight_fraction",
-    "pcgrad",
-)
+from .._settings import aggregator_setting
 
 
 class AdaptiveLambda:
@@ -67,16 +56,15 @@ class AdaptiveLambda:
         self._conflict_ratio = 0.0
         self.aggregator.gramian_weighting.register_forward_pre_hook(self._measure_conflicts)
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _FORWARDED:
-            return getattr(self.aggregator, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _FORWARDED:
-            setattr(self.aggregator, name, value)
-        else:
-            super().__setattr__(name, value)
+    lam_min = aggregator_setting(AdaptiveGoldenPendulum, "lam_min")
+    lam_max = aggregator_setting(AdaptiveGoldenPendulum, "lam_max")
+    ema_decay = aggregator_setting(AdaptiveGoldenPendulum, "ema_decay")
+    conflict_target = aggregator_setting(AdaptiveGoldenPendulum, "conflict_target")
+    sensitivity = aggregator_setting(AdaptiveGoldenPendulum, "sensitivity")
+    loss_ratio_aware = aggregator_setting(AdaptiveGoldenPendulum, "loss_ratio_aware")
+    n_iter = aggregator_setting(AdaptiveGoldenPendulum, "n_iter")
+    min_weight_fraction = aggregator_setting(AdaptiveGoldenPendulum, "min_weight_fraction")
+    pcgrad = aggregator_setting(AdaptiveGoldenPendulum, "pcgrad")
 
     def _measure_conflicts(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         # The history's conflict ratio is the call's own, which the weighting only averages.

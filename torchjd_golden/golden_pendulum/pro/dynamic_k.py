@@ -4,22 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor, nn
 
 from ... import _dynamic_k as native
-from .._backward import balanced_backward, single_task_backward
-
-_FORWARDED = (
-    "auto_group",
-    "regroup_every",
-    "similarity_threshold",
-    "lam",
-    "n_iter",
-    "min_weight_fraction",
-    "pcgrad",
-)
+from .._backward import balanced_backward, single_task_backward, weights_by_name
+from .._settings import aggregator_setting
 
 
 @dataclass
@@ -68,16 +58,13 @@ class DynamicK:
         self._groups = groups or []
         self._weight_history: list[dict[str, float]] = []
 
-    def __getattr__(self, name: str) -> Any:
-        if name in _FORWARDED:
-            return getattr(self.aggregator, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _FORWARDED:
-            setattr(self.aggregator, name, value)
-        else:
-            super().__setattr__(name, value)
+    auto_group = aggregator_setting(native.DynamicK, "auto_group")
+    regroup_every = aggregator_setting(native.DynamicK, "regroup_every")
+    similarity_threshold = aggregator_setting(native.DynamicK, "similarity_threshold")
+    lam = aggregator_setting(native.DynamicK, "lam")
+    n_iter = aggregator_setting(native.DynamicK, "n_iter")
+    min_weight_fraction = aggregator_setting(native.DynamicK, "min_weight_fraction")
+    pcgrad = aggregator_setting(native.DynamicK, "pcgrad")
 
     @property
     def current_groups(self) -> list[TaskGroup]:
@@ -102,7 +89,7 @@ class DynamicK:
         if regroups:
             self._groups = [TaskGroup(g.name, {str(t) for t in g.tasks}) for g in aggregator.groups]
         assert aggregator.alpha is not None  # set by the call
-        alpha = dict(zip(losses, aggregator.alpha.tolist(), strict=True))
+        alpha = weights_by_name(losses, aggregator.alpha)
         weights = {
             str(name): alpha[str(name)]
             for group in aggregator.active_groups
