@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torchjd.aggregation import Aggregator
+from torchjd.aggregation import Aggregator, Mean
 
 import torchjd_golden as tg
 
@@ -324,3 +324,19 @@ def jacobians(
         method.input_of(conflicting_jacobian(m, n, seed=s, decades=4.0, dtype=dtype))
         for s in range(count)
     ]
+
+
+class NamedMean(Mean):
+    """torchjd's Mean with the `tasks` property of the core's contract, recording what it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, ...] | None] = []
+
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        return self.seen[-1] if self.seen else None
+
+    @tasks.setter
+    def tasks(self, names: tuple[str, ...] | None) -> None:
+        self.seen.append(names)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
-from torchjd.aggregation import Mean
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -24,6 +23,8 @@ from transformers.utils import logging as transformers_logging
 
 from torchjd_golden import GCond, aggregator_from_config
 from torchjd_golden.huggingface import AGGREGATOR_STATE_NAME, MultiTaskTrainer
+
+from ._methods import NamedMean
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::DeprecationWarning", "ignore::FutureWarning"
@@ -174,22 +175,6 @@ def test_one_step_equals_torchjd_by_hand(tmp_path: Path) -> None:
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         # The micro-batches may come in another order: equal up to the order of the sums.
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-
-
-class NamedMean(Mean):
-    """torchjd's Mean with the `tasks` property of the core's contract, recording what it gets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, ...] | None] = []
-
-    @property
-    def tasks(self) -> tuple[str, ...] | None:
-        return self.seen[-1] if self.seen else None
-
-    @tasks.setter
-    def tasks(self, names: tuple[str, ...] | None) -> None:
-        self.seen.append(names)
 
 
 def test_the_aggregator_gets_the_task_names(tmp_path: Path) -> None:

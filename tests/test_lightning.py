@@ -17,11 +17,13 @@ from lightning import Trainer
 from lightning.pytorch.plugins import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchjd.aggregation import Aggregator, Mean
+from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from torchjd_golden import aggregator_from_config, gramian_diagnostics, with_grad_scaler
 from torchjd_golden.lightning import MultiTaskModule, TaskLosses
+
+from ._methods import NamedMean
 
 # Lightning's own notices and hints (not about this package).
 pytestmark = pytest.mark.filterwarnings(
@@ -244,22 +246,6 @@ def test_a_resumed_run_is_bit_identical(aggregator: str, accumulate: int, tmp_pa
     assert checkpoint["hyper_parameters"]["aggregator"] == aggregator
     step_count = next(v for k, v in checkpoint["state_dict"].items() if k.endswith("step_count"))
     assert int(step_count) == 16 // accumulate  # two epochs of 8 batches
-
-
-class NamedMean(Mean):
-    """torchjd's Mean with the `tasks` property of the core's contract, recording what it gets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, ...] | None] = []
-
-    @property
-    def tasks(self) -> tuple[str, ...] | None:
-        return self.seen[-1] if self.seen else None
-
-    @tasks.setter
-    def tasks(self, names: tuple[str, ...] | None) -> None:
-        self.seen.append(names)
 
 
 @pytest.mark.parametrize("features", [True, False])
