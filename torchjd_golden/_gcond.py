@@ -25,6 +25,7 @@ from ._gramian import (
     all_finite,
     combine_rows,
     nan_unless,
+    row_norms,
 )
 from ._kernels._paths import chosen_path
 from ._kernels.gcond import Resolution, resolve_conflicts
@@ -213,8 +214,8 @@ class GCondWeighting(
         gramian, cross, previous_norms_sq = store_products(matrix.detach(), self._store(), task_ids)
         finite = all_finite(gramian)
         norm_ema = self._task_rows("norm_ema", rows)
+        norms = row_norms(gramian).to(torch.float64)
         if m > 1:
-            norms = gramian.diagonal().clamp(min=0.0).sqrt().to(torch.float64)
             beta = self.norm_ema_beta
             norm_ema = (beta * norm_ema + (1.0 - beta) * norms).clamp(min=self.eps)
             resolution = resolve_conflicts(
@@ -257,7 +258,7 @@ class GCondWeighting(
         self.proj_iters = resolution.proj_iters
         self.min_cosine_sim = resolution.min_cosine_sim
         self.last_zone, self.last_winner = resolution.last_zone, resolution.last_winner
-        self.last_norms = gramian.diagonal().clamp(min=0.0).sqrt().to(torch.float64)
+        self.last_norms = norms
         self.last_norm_ema, self._last_tasks = norm_ema, self._call_tasks(m)
         return nan_unless(finite, coefficients.sum(dim=0)).to(matrix.dtype)
 
