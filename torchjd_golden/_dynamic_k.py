@@ -22,9 +22,11 @@ from torchjd.linalg import Matrix, PSDMatrix
 
 from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
 from ._golden_pendulum import (
+    _MIN_NORM,
     GoldenPendulumParameters,
-    GoldenPendulumWeighting,
+    golden_pendulum_weights,
     golden_ratio_weights,
+    pendulum_weights,
 )
 from ._gramian import (
     accumulation_dtype,
@@ -33,14 +35,9 @@ from ._gramian import (
     nan_unless,
     normalize_gramian,
 )
-from ._kernels.pcgrad import pcgrad_combination
 from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
 from ._validation import check_bool, check_input, check_int, check_real
-
-# As Golden Pendulum's reference: gradients are divided by max(norm, 1e-8), and PCGrad adds 1e-8.
-_MIN_NORM = 1e-8
-_PROJECTION_EPS = 1e-8
 
 CATCH_ALL = "_ungrouped"
 """Name of the group that collects the tasks of a call that no group lists."""
@@ -381,12 +378,7 @@ class DynamicKWeighting(
             _, inverse_norm = normalize_gramian(sub, min_norm=_MIN_NORM)
             return inverse_norm, torch.ones_like(inverse_norm)
         lam = self.lam if block.group.lam is None else block.group.lam
-        golden = GoldenPendulumWeighting(
-            lam=lam, n_iter=self.n_iter, min_weight_fraction=self.min_weight_fraction, pcgrad=pcgrad
-        )
-        weights = golden(sub)
-        assert golden.alpha is not None
-        return weights, golden.alpha
+        return golden_pendulum_weights(sub, lam, self.n_iter, self.min_weight_fraction, pcgrad)
 
     def _weights_within_groups(
         self, gramian: Tensor, blocks: list[_Block]
@@ -412,10 +404,7 @@ class DynamicKWeighting(
             alpha.index_copy_(0, index, beta * block_alpha)  # the reference: the last group wins
         alpha = alpha / alpha.sum()
         normalized, inverse_norms = normalize_gramian(gramian, min_norm=_MIN_NORM)
-        mixture = alpha
-        if self.pcgrad:
-            mixture = pcgrad_combination(normalized, alpha, alpha, eps=_PROJECTION_EPS)
-        return mixture * inverse_norms, alpha
+        return pendulum_weights(normalized, inverse_norms, alpha, self.pcgrad), alpha
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -81,8 +81,20 @@ def golden_pendulum_weights(
     m = gramian.shape[0]
     targets = golden_ratio_weights(m, device=gramian.device, dtype=gramian.dtype)
     alpha = solve_golden_qp(normalized, targets, lam, n_iter, min_weight_fraction / m)
+    return pendulum_weights(normalized, inverse_norms, alpha, pcgrad), alpha
+
+
+def pendulum_weights(
+    normalized: Tensor, inverse_norms: Tensor, alpha: Tensor, pcgrad: bool
+) -> Tensor:
+    r"""
+    The weights :math:`w = S C^\top \alpha` on the rows of :math:`J`, given the normalised
+    Gramian, the inverse norms :math:`S` (:func:`normalize_gramian`) and the priorities
+    :math:`\alpha` of the PCGrad pass (:math:`C = I` without it).
+    """
+
     mixture = pcgrad_combination(normalized, alpha, alpha, eps=_PROJECTION_EPS) if pcgrad else alpha
-    return mixture * inverse_norms, alpha
+    return mixture * inverse_norms
 
 
 class GoldenPendulumParameters:
