@@ -209,17 +209,8 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         self._n_warmup_steps = check_int("n_warmup_steps", value, low=0)
 
     def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
-        m, n = sizes
-        dtype, device = accumulation_dtype(like.dtype), like.device
-        return {
-            "sq_grad_sum": torch.zeros(m, n, dtype=dtype, device=device),
-            "task_weights": torch.full((m,), 1.0 / m, dtype=dtype, device=device),
-            "warmup_excess_sum": torch.zeros(m, dtype=dtype, device=device),
-            "baseline": torch.zeros(m, dtype=dtype, device=device),
-            "step_count": torch.zeros((), dtype=torch.int64, device=device),
-            "task_steps": torch.zeros(m, dtype=torch.int64, device=device),
-            "sq_grad_scale": torch.ones(m, dtype=dtype, device=device),
-        }
+        step_count = torch.zeros((), dtype=torch.int64, device=like.device)
+        return {**self._initial_task_rows(sizes[0], sizes, like), "step_count": step_count}
 
     def _initial_task_rows(
         self, count: int, sizes: tuple[int, ...], like: Tensor

@@ -259,7 +259,7 @@ class GCondWeighting(
         self.min_cosine_sim = resolution.min_cosine_sim
         self.last_zone, self.last_winner = resolution.last_zone, resolution.last_winner
         self.last_norms = norms
-        self.last_norm_ema, self._last_tasks = norm_ema, self._call_tasks(m)
+        self.last_norm_ema, self._last_tasks = norm_ema, self._tasks  # checked above
         return nan_unless(finite, coefficients.sum(dim=0)).to(matrix.dtype)
 
     def stats(self, final_grad_norm: Tensor | None = None) -> GCondStatistics:

@@ -207,8 +207,7 @@ class LazyState(nn.Module, Stateful):
             for name in self._per_task_names:
                 buffer = self._buffers[name]
                 assert buffer is not None
-                fresh = initial[name][:count].to(buffer.dtype)
-                self._buffers[name] = torch.cat([buffer, fresh])
+                self._buffers[name] = torch.cat([buffer, initial[name].to(buffer.dtype)])
 
     def _task_rows(self, name: str, rows: Tensor | None) -> Tensor:
         """The rows of per-task buffer ``name`` for the call's tasks."""

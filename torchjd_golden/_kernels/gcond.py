@@ -421,7 +421,8 @@ class _TensorResolution:
         block = self.inner.index_select(0, pair).index_select(1, pair)  # D restricted to (i, j)
         squares = block.diagonal()
         square_i, square_j, dot = squares[0], squares[1], block[0, 1]
-        j_wins = self._j_wins(pair, squares)
+        ids = self.task_ids.index_select(0, pair)
+        j_wins = self._j_wins(pair, ids, squares)
         square_winner = torch.where(j_wins, square_j, square_i)
         square_loser = torch.where(j_wins, square_i, square_j)
 
@@ -449,7 +450,6 @@ class _TensorResolution:
         ).reshape(2, 2)
         winner_is_j = arbitrated & j_wins
         self._mix(torch.where(winner_is_j, pair.flip(0), pair), matrix)
-        ids = self.task_ids.index_select(0, pair)
         winner = torch.where(j_wins, ids[1], ids[0])
         self.last_zone = torch.where(found, _zone_tensor(cosine, settings), self.last_zone)
         named = torch.where(arbitrated, winner, -1)
@@ -461,8 +461,11 @@ class _TensorResolution:
             self.history = torch.where(slot & appends, winner, self.history)
             self.history_count = self.history_count + appends.to(self.history_count.dtype)
 
-    def _j_wins(self, pair: Tensor, squares: Tensor) -> Tensor:
-        """The arbitrator: whether row j beats row i (dominance first, then the scores)."""
+    def _j_wins(self, pair: Tensor, ids: Tensor, squares: Tensor) -> Tensor:
+        """
+        The arbitrator: whether row j beats row i (dominance first, then the scores); ``ids``
+        are the pair's task ids.
+        """
 
         eps, window = self.settings.eps, self.settings.dominance_window
         stability_weight, strength_weight = self.settings.tie_breaking_weights
@@ -477,7 +480,6 @@ class _TensorResolution:
         j_wins = scores[1] > scores[0]
         if window:
             full = self.history_count >= window
-            ids = self.task_ids.index_select(0, pair)
             i_dominant = full & (self.history == ids[0]).all()
             j_dominant = full & (self.history == ids[1]).all()
             j_wins = i_dominant | (~j_dominant & j_wins)
