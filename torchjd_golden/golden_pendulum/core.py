@@ -93,7 +93,6 @@ class GoldenPendulumMTL:
             lam=lam, n_iter=n_iter, min_weight_fraction=min_weight_fraction, pcgrad=pcgrad
         )
         self.weight_history: list[dict[str, float]] = []
-        self._step = 0
 
     lam = aggregator_setting(GoldenPendulum, "lam")
     n_iter = aggregator_setting(GoldenPendulum, "n_iter")
@@ -112,7 +111,6 @@ class GoldenPendulumMTL:
             raise ValueError(f"Expected {self.n_tasks} tasks, got {len(losses)}: {list(losses)}")
         weights = golden_backward(self.aggregator, losses, model, shared_params)
         self.weight_history.append(weights)
-        self._step += 1
         return weights
 
     @property
@@ -145,4 +143,3 @@ class GoldenPendulumMTL:
         """Clears the history."""
 
         self.weight_history.clear()
-        self._step = 0

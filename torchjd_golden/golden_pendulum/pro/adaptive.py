@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._adaptive_golden_pendulum import AdaptiveGoldenPendulum
-from ..._golden_pendulum import golden_ratio_weights
-from ..._monitoring import gramian_diagnostics
+from ..._adaptive_golden_pendulum import AdaptiveGoldenPendulum, conflicting_fraction
+from ..._gramian import normalize_gramian
 from .._backward import balanced_backward, single_task_backward, weights_by_name
 from .._settings import aggregator_setting
 
@@ -68,7 +67,8 @@ class AdaptiveLambda:
 
     def _measure_conflicts(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         # The history's conflict ratio is the call's own, which the weighting only averages.
-        self._conflict_ratio = float(gramian_diagnostics(inputs[0]).conflict_ratio)
+        normalized, _ = normalize_gramian(inputs[0])
+        self._conflict_ratio = float(conflicting_fraction(normalized))
 
     @property
     def current_lam(self) -> float:
@@ -95,11 +95,9 @@ class AdaptiveLambda:
 
         if len(losses) <= 1:
             return single_task_backward(losses)
-        values = [float(loss.detach()) for loss in losses.values()]
+        values = torch.stack([loss.detach() for loss in losses.values()]).tolist()  # one read
         loss_ratio = max(values) / max(min(values), 1e-10)
-        if hasattr(type(self.aggregator), "tasks"):
-            setattr(self.aggregator, "tasks", list(losses))  # noqa: B010 - core's names contract
-        self._keep_state_for(len(losses))
+        self.aggregator.tasks = list(losses)  # per-task state follows the names
         self.aggregator.losses = torch.tensor(values, dtype=torch.float64)
         balanced_backward(losses, model, shared_params, self.aggregator)
         weights = weights_by_name(losses, self.aggregator.alpha)
@@ -114,19 +112,6 @@ class AdaptiveLambda:
         )
         self._step += 1
         return weights
-
-    def _keep_state_for(self, n_tasks: int) -> None:
-        """
-        Resizes the weighting's per-task buffer for ``n_tasks`` tasks, keeping the rest of its
-        state: the reference keeps :math:`\\lambda` and its averages when the task count changes.
-        """
-
-        weighting = self.aggregator.gramian_weighting
-        if hasattr(type(weighting), "tasks") or weighting.alpha.numel() in (0, n_tasks):
-            return
-        state = weighting.state_dict()
-        state["alpha"] = golden_ratio_weights(n_tasks, dtype=state["alpha"].dtype)
-        weighting.load_state_dict(state)
 
     def get_history(self, last_n: int = 0) -> list[dict[str, Any]]:
         """The history of the calls (the last ``last_n`` when positive)."""
