@@ -22,17 +22,16 @@ from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 
 from ._golden_pendulum import golden_ratio_weights
-from ._gramian import compute_gramian, normalize_gramian, row_norms
+from ._monitoring import conflict_statistics, hook_alpha, hook_gramian
 from ._tasks import NamedTasks, check_task_names
 from ._torchjd_compat import GramianWeightingBase
 from ._validation import check_bool, check_int, check_real
 
 # As the reference: gradients are divided by max(norm, 1e-8), the smallest norm is clamped at
-# 1e-10 in the norm ratio, a constant weight series (variance below 1e-10) has no resonance, and
-# the resonance is the largest |autocorrelation| at lags 2 to 20 of the last 100 weights of the
-# window's first task, once the window holds 50 weight records.
+# 1e-10 in the norm ratio (conflict_statistics), a constant weight series (variance below 1e-10)
+# has no resonance, and the resonance is the largest |autocorrelation| at lags 2 to 20 of the
+# last 100 weights of the window's first task, once the window holds 50 weight records.
 _MIN_NORM = 1e-8
-_MIN_NORM_FOR_RATIO = 1e-10
 _MIN_VARIANCE = 1e-10
 _RESONANCE_SPAN = 100
 _RESONANCE_MIN_RECORDS = 50
@@ -182,7 +181,6 @@ class ConflictMonitor(NamedTasks):
         self._last: tuple[tuple[Hashable, ...], Tensor, Tensor] | None = None  # names, cos, norms
         self._columns: dict[Hashable, int] = {}
         self._weights: Tensor | None = None  # [window, tasks seen], a ring over weight records
-        self._present: Tensor | None = None
         self._weight_names: deque[tuple[Hashable, ...]] = deque(maxlen=self.window_size)
         self._weight_count = 0
         self._last_weights: Tensor | None = None
@@ -207,14 +205,10 @@ class ConflictMonitor(NamedTasks):
 
     def _hook(self, weighting: nn.Module, *, gramian_input: bool) -> RemovableHandle:
         def record_call(module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor) -> None:
-            stat = inputs[0].detach()
-            gramian = stat if gramian_input else compute_gramian(stat)
-            alpha = getattr(module, "alpha", None)
-            chosen = (
-                alpha if isinstance(alpha, Tensor) and alpha.shape == weights.shape else weights
-            )
+            alpha = hook_alpha(module, weights)
+            chosen = weights if alpha is None else alpha
             tasks = getattr(module, "tasks", None) if self._tasks is None else None
-            self.record(gramian, chosen.detach(), tasks=tasks)
+            self.record(hook_gramian(inputs, gramian_input), chosen.detach(), tasks=tasks)
 
         hook: Callable[..., None] = record_call
         return weighting.register_forward_hook(hook)
@@ -243,13 +237,10 @@ class ConflictMonitor(NamedTasks):
             vector = vector.to(self._weights.device)
         self._ensure_columns(names, vector.device)
         assert self._weights is not None
-        assert self._present is not None
         slot = self._weight_count % self.window_size
         columns = self._index(("columns", names), [self._columns[n] for n in names], vector.device)
-        self._weights[slot] = 0.0
-        self._present[slot] = False
+        self._weights[slot] = 0.0  # a task absent from this record weighs 0 in it
         self._weights[slot].index_copy_(0, columns, vector)
-        self._present[slot].index_fill_(0, columns, True)
         self._weight_names.append(names)
         self._weight_count += 1
         self._last_weights = vector
@@ -271,11 +262,8 @@ class ConflictMonitor(NamedTasks):
             self.record_weights(weights, tasks=names)
         gramian = gramian.detach().to(torch.float64)
         m = gramian.shape[0]
-        cosine, _ = normalize_gramian(gramian, min_norm=_MIN_NORM)
-        norms = row_norms(gramian)
-        conflicts = (cosine < 0.0).triu(diagonal=1).sum().to(torch.float64)
-        conflict_ratio = conflicts / max(m * (m - 1) // 2, 1)
-        norm_ratio = norms.max() / norms.min().clamp(min=_MIN_NORM_FOR_RATIO)
+        cosine, conflicts, norms, norm_ratio = conflict_statistics(gramian, min_norm=_MIN_NORM)
+        conflict_ratio = conflicts.sum().to(torch.float64) / max(m * (m - 1) // 2, 1)
         deviation, balance = self._weight_statistics(gramian)
         statistics = torch.stack(
             [conflict_ratio, norm_ratio, deviation, balance, self._resonance(gramian)]
@@ -321,17 +309,13 @@ class ConflictMonitor(NamedTasks):
         new = [name for name in names if name not in self._columns]
         for name in new:
             self._columns[name] = len(self._columns)
-        if self._weights is None or self._present is None:
+        if self._weights is None:
             self._weights = torch.zeros(
                 (self.window_size, len(self._columns)), dtype=torch.float64, device=device
             )
-            self._present = torch.zeros_like(self._weights, dtype=torch.bool)
         elif new:
             self._weights = torch.cat(
                 [self._weights, self._weights.new_zeros(self.window_size, len(new))], 1
-            )
-            self._present = torch.cat(
-                [self._present, self._present.new_zeros(self.window_size, len(new))], 1
             )
 
     def _weight_statistics(self, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -356,14 +340,11 @@ class ConflictMonitor(NamedTasks):
         if kept < _RESONANCE_MIN_RECORDS or not self._weight_names[0]:
             return zero
         assert self._weights is not None
-        assert self._present is not None
         column = self._columns[self._weight_names[0][0]]
         length = min(kept, _RESONANCE_SPAN)
         first = self._weight_count - length
         slots = (torch.arange(length, device=self._weights.device) + first) % self.window_size
-        series = torch.where(self._present[slots, column], self._weights[slots, column], 0.0).to(
-            like.device
-        )
+        series = self._weights[slots, column].to(like.device)
         centered = series - series.mean()
         variance = centered.square().mean()
         lags = [lag for lag in _RESONANCE_LAGS if lag < length // 2]

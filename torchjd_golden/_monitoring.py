@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
-from ._gramian import compute_gramian, normalize_gramian, row_norms
+from ._gramian import compute_gramian, nan_unless, normalize_gramian, row_norms
 from ._torchjd_compat import GramianWeightingBase
 
 # The reference's report clamps the smallest norm here before dividing by it.
@@ -112,17 +112,14 @@ def gramian_diagnostics(gramian: Tensor, weights: Tensor | None = None) -> Grami
     if weights is not None:
         _check_weights(weights, m)
     is_gramian = _is_gramian(gramian)
-    cosine, _ = normalize_gramian(gramian)
-    conflicts = (cosine < 0.0).triu(diagonal=1)
-    n_pairs = max(m * (m - 1) // 2, 1)
-    norms = row_norms(gramian)
+    cosine, conflicts, norms, norm_ratio = conflict_statistics(gramian)
     balance = None if weights is None else weights.min() / weights.max()
     report = GramianDiagnostics(
         cosine=cosine,
         conflicts=conflicts,
-        conflict_ratio=conflicts.sum() / n_pairs,
+        conflict_ratio=conflicts.sum() / max(m * (m - 1) // 2, 1),
         norms=norms,
-        norm_ratio=norms.max() / norms.min().clamp(min=_MIN_NORM_FOR_RATIO),
+        norm_ratio=norm_ratio,
         balance_ratio=balance,
     )
     return report if is_gramian is None else _nan_unless(is_gramian, report)
@@ -148,6 +145,42 @@ def _check_weights(weights: object, m: int) -> None:
             f"Parameter `weights` must hold one weight per task: shape ({m},) for this "
             f"{m} x {m} Gramian. Found shape {tuple(weights.shape)}."
         )
+
+
+def conflict_statistics(
+    gramian: Tensor, min_norm: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """
+    The cosine matrix (rows shorter than ``min_norm`` divided by it), the boolean upper triangle
+    of the conflicting pairs :math:`i < j`, the row norms and :math:`\\max_k \\|J_k\\| /
+    \\max(\\min_k \\|J_k\\|, 10^{-10})` of ``gramian``: tensor operations only.
+    """
+
+    cosine, _ = normalize_gramian(gramian, min_norm=min_norm)
+    norms = row_norms(gramian)
+    norm_ratio = norms.max() / norms.min().clamp(min=_MIN_NORM_FOR_RATIO)
+    return cosine, (cosine < 0.0).triu(diagonal=1), norms, norm_ratio
+
+
+def hook_gramian(inputs: tuple[Tensor, ...], gramian_input: bool) -> Tensor:
+    """
+    The Gramian of a weighting's call, from the input its forward hook sees: that input when the
+    weighting takes the Gramian, computed from the Jacobian (an :math:`O(m^2 n)` product)
+    otherwise.
+    """
+
+    stat = inputs[0].detach()
+    return stat if gramian_input else compute_gramian(stat)
+
+
+def hook_alpha(module: nn.Module, weights: Tensor) -> Tensor | None:
+    """
+    The ``alpha`` a weighting kept for the call that gave ``weights`` (Golden Pendulum's QP
+    solution, what its references report as the weights), or ``None``.
+    """
+
+    alpha = getattr(module, "alpha", None)
+    return alpha if isinstance(alpha, Tensor) and alpha.shape == weights.shape else None
 
 
 def _is_gramian(gramian: Tensor) -> Tensor | None:
@@ -179,17 +212,14 @@ def _is_gramian(gramian: Tensor) -> Tensor | None:
 
 
 def _nan_unless(condition: Tensor, report: GramianDiagnostics) -> GramianDiagnostics:
-    def masked(value: Tensor) -> Tensor:
-        return torch.where(condition, value, torch.full_like(value, math.nan))
-
     balance = report.balance_ratio
     return GramianDiagnostics(
-        cosine=masked(report.cosine),
+        cosine=nan_unless(condition, report.cosine),
         conflicts=report.conflicts & condition,
-        conflict_ratio=masked(report.conflict_ratio),
-        norms=masked(report.norms),
-        norm_ratio=masked(report.norm_ratio),
-        balance_ratio=None if balance is None else masked(balance),
+        conflict_ratio=nan_unless(condition, report.conflict_ratio),
+        norms=nan_unless(condition, report.norms),
+        norm_ratio=nan_unless(condition, report.norm_ratio),
+        balance_ratio=None if balance is None else nan_unless(condition, balance),
     )
 
 
@@ -322,8 +352,7 @@ class WeightLogger:
             return
         tasks = self.tasks if self.tasks is not None else getattr(module, "tasks", None)
         names = [str(name) for name in _task_names(tasks, weights.shape[0])]
-        alpha = getattr(module, "alpha", None)
-        alpha = alpha if isinstance(alpha, Tensor) and alpha.shape == weights.shape else None
+        alpha = hook_alpha(module, weights)
         scalars = {
             key: float(value) for key, value in weight_scalars(weights, names, alpha).items()
         }
@@ -337,9 +366,9 @@ class WeightLogger:
             record["alpha"] = {name: scalars[f"alpha/{name}"] for name in names}
             record["alpha_balance_ratio"] = scalars["alpha_balance_ratio"]
         if self.diagnostics:
-            stat = inputs[0].detach()
-            gramian = stat if isinstance(module, GramianWeightingBase) else compute_gramian(stat)
-            record |= gramian_diagnostics(gramian).as_dict(names)
+            record |= gramian_diagnostics(
+                hook_gramian(inputs, isinstance(module, GramianWeightingBase))
+            ).as_dict(names)
         self._write(record, scalars, step)
 
     def _write(self, record: dict[str, Any], scalars: dict[str, float], step: int) -> None:

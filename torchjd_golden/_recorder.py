@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator
 
 from ._diagnostics import ConflictMonitor
-from ._gramian import compute_gramian
-from ._monitoring import weighting_of
+from ._monitoring import hook_gramian, weighting_of
 from ._torchjd_compat import GramianWeightingBase
 
 
@@ -59,8 +58,7 @@ def attach_recorder(
         )
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor) -> None:
-        stat = inputs[0].detach()
-        gramian = stat if isinstance(module, GramianWeightingBase) else compute_gramian(stat)
+        gramian = hook_gramian(inputs, isinstance(module, GramianWeightingBase))
         recorder.record(gramian, weights.detach(), tasks())
 
     weighting.register_forward_hook(hook)
