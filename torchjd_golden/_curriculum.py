@@ -22,6 +22,7 @@ from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from ._golden_pendulum import GoldenPendulum
+from ._tasks import set_step_inputs
 from ._validation import check_bool, check_int, check_real
 
 logger = logging.getLogger(__name__)
@@ -323,10 +324,7 @@ class Curriculum:
         names = tuple(active)
         stacked = torch.stack(list(active.values()))
         aggregator = self.aggregator
-        if hasattr(type(aggregator), "tasks"):
-            setattr(aggregator, "tasks", names)  # noqa: B010 - a property of some aggregators
-        if hasattr(type(aggregator), "losses"):
-            setattr(aggregator, "losses", stacked.detach())  # noqa: B010
+        set_step_inputs(aggregator, names, stacked.detach())
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if features is None:
             backward(stacked, inputs=trainable)

@@ -30,7 +30,7 @@ from ._gramian import (
 from ._kernels._paths import chosen_path
 from ._kernels.gcond import Resolution, resolve_conflicts
 from ._state import LazyState
-from ._tasks import NamedTasks, TaskNames
+from ._tasks import NamedTasks, TaskNames, default_task_names
 from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from ._validation import check_input, check_real
 
@@ -268,7 +268,7 @@ class GCondWeighting(
         if self.proj_iters is None or self.min_cosine_sim is None:
             raise ValueError(f"`{type(self).__name__}` has no statistics before its first call.")
         m = self.last_norms.shape[0]
-        tasks = self._last_tasks or tuple(f"task_{k}" for k in range(m))
+        tasks = self._last_tasks or default_task_names(m)
         return GCondStatistics(
             step=self.step_count.clone(),
             proj_iters=self.proj_iters,

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
 from ._gramian import compute_gramian, nan_unless, normalize_gramian, row_norms
+from ._tasks import default_task_names
 from ._torchjd_compat import GramianWeightingBase
 
 # The reference's report clamps the smallest norm here before dividing by it.
@@ -227,7 +228,7 @@ def _task_names(tasks: Sequence[Hashable] | None, m: int) -> list[Any]:
     """``tasks`` (checked to have ``m`` entries), or ``task_0`` ... ``task_{m-1}``."""
 
     if tasks is None:
-        return [f"task_{k}" for k in range(m)]
+        return list(default_task_names(m))
     names = list(tasks)
     if len(names) != m:
         raise ValueError(f"Parameter `tasks` names {len(names)} tasks, but there are {m} weights.")

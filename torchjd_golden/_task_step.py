@@ -25,6 +25,7 @@ from ._amp import with_grad_scaler
 from ._config import aggregator_from_config
 from ._monitoring import weight_scalars
 from ._recorder import DiagnosticsRecorder, attach_recorder
+from ._tasks import default_task_names, set_step_inputs
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ def split_task_losses(output: object) -> tuple[tuple[Hashable, ...], Tensor, Any
                 "The per-task losses must be a vector, one loss per task. Found a tensor of shape "
                 f"{tuple(output.shape)}."
             )
-        return _default_names(vector.shape[0]), vector, features
+        return default_task_names(vector.shape[0]), vector, features
     elif isinstance(output, Sequence) and not isinstance(output, str):
-        names, losses = _default_names(len(output)), list(output)
+        names, losses = default_task_names(len(output)), list(output)
     else:
         raise TypeError(
             "The training step must give per-task losses: a mapping from task name to loss, a "
@@ -88,10 +89,6 @@ def split_task_losses(output: object) -> tuple[tuple[Hashable, ...], Tensor, Any
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(f"The loss of task {name!r} must be a scalar tensor. Found {loss!r}.")
     return names, torch.stack([loss.reshape(()) for loss in losses]), features
-
-
-def _default_names(m: int) -> tuple[str, ...]:
-    return tuple(f"task_{k}" for k in range(m))
 
 
 class JacobianStep:
@@ -166,12 +163,8 @@ class JacobianStep:
         loss_sum, self._loss_sum = self._loss_sum, None
         if not tensors:
             return None
-        # Extra inputs of some aggregators, set as their own documentation says.
-        if hasattr(type(self.aggregator), "tasks"):
-            setattr(self.aggregator, "tasks", self.tasks)  # noqa: B010
-        if hasattr(type(self.aggregator), "losses") and loss_sum is not None:
-            # The sum of the scaled losses: the adaptive λ only reads their ratios.
-            setattr(self.aggregator, "losses", loss_sum)  # noqa: B010
+        # The sum of the scaled losses: the adaptive λ only reads their ratios.
+        set_step_inputs(self.aggregator, self.tasks, loss_sum)
         self.last_weights = jac_to_grad(tensors, self._aggregator_for(scaler))
         return self.last_weights
 

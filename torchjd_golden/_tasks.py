@@ -17,6 +17,8 @@ from types import FrameType
 
 import torch
 import torchjd
+from torch import Tensor
+from torchjd.aggregation import Aggregator
 
 TaskNames = tuple[Hashable, ...]
 
@@ -51,6 +53,27 @@ def check_task_names(value: object) -> TaskNames | None:
             f"Attribute `tasks` must hold distinct names, each task once. Repeated: {repeated}."
         )
     return names
+
+
+def default_task_names(m: int) -> tuple[str, ...]:
+    """The names of ``m`` unnamed rows where names are shown: ``task_0`` ... ``task_{m-1}``."""
+
+    return tuple(f"task_{k}" for k in range(m))
+
+
+def set_step_inputs(
+    aggregator: Aggregator, tasks: Sequence[Hashable] | None, losses: Tensor | None
+) -> None:
+    """
+    Gives ``aggregator`` the extra inputs of the coming step that it takes, as its own
+    documentation says: the rows' task names (``tasks``) and the task losses (``losses``, when
+    given).
+    """
+
+    if hasattr(type(aggregator), "tasks"):
+        setattr(aggregator, "tasks", tasks)  # noqa: B010 - a property of some aggregators
+    if hasattr(type(aggregator), "losses") and losses is not None:
+        setattr(aggregator, "losses", losses)  # noqa: B010
 
 
 def _checkpointable(name: object) -> bool:
