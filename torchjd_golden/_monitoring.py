@@ -354,9 +354,9 @@ class WeightLogger:
         tasks = self.tasks if self.tasks is not None else getattr(module, "tasks", None)
         names = [str(name) for name in _task_names(tasks, weights.shape[0])]
         alpha = hook_alpha(module, weights)
-        scalars = {
-            key: float(value) for key, value in weight_scalars(weights, names, alpha).items()
-        }
+        tensors = weight_scalars(weights, names, alpha)
+        values = torch.stack(list(tensors.values())).tolist()  # one host read for the step
+        scalars = dict(zip(tensors, values, strict=True))
         record: dict[str, Any] = {
             "step": step,
             "method": str(module),
