@@ -254,8 +254,7 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
             scaled_first = risks
         baseline = torch.where(sets_baseline, first_baseline, self._task_rows("baseline", rows))
         scaled = torch.where(sets_baseline, scaled_first, risks / (baseline + _EPS))
-        if self._known_tasks is not None:  # names: a distribution over the tasks of this call
-            task_weights = task_weights / task_weights.sum()
+        task_weights = self._over_call_tasks(task_weights)
         # A task in its warm-up keeps its weight (no step), the others take the exponentiated one.
         increments = torch.where(in_warmup, 0.0, scaled * self.robust_step_size)
         updated = torch.softmax(torch.log(task_weights) + increments, dim=0)

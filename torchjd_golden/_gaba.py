@@ -130,8 +130,7 @@ class GABAWeighting(GramianWeightingBase, NamedTasks, LazyState, NonDifferentiab
         working = gramian.to(accumulation_dtype(gramian.dtype))
         rows = self._ensure_state((n_tasks,), working)
         stored = self._task_rows("ema_weights", rows)
-        # With names, a distribution over the tasks of this call (absent ones keep theirs).
-        ema = stored if self._known_tasks is None else stored / stored.sum()
+        ema = self._over_call_tasks(stored)
         finite = all_finite(working)
         step = self.step_count + 1
         in_warmup = step <= self.warmup_steps

@@ -216,6 +216,14 @@ class LazyState(nn.Module, Stateful):
         assert buffer is not None
         return buffer if rows is None else buffer.index_select(0, rows)
 
+    def _over_call_tasks(self, distribution: Tensor) -> Tensor:
+        """
+        The call's rows of a simplex-valued per-task state: with task names, renormalised over
+        the tasks of the call (absent ones keep their share stored); without, as stored.
+        """
+
+        return distribution if self._known_tasks is None else distribution / distribution.sum()
+
     def _commit(self, finite: Tensor, rows: Tensor | None = None, **new_state: Tensor) -> None:
         """
         Writes ``new_state`` into the buffers where ``finite`` is true and keeps them otherwise.
