@@ -21,6 +21,7 @@ from ._gcond_statistics import GCondStatistics
 from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
 from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
 from ._presets import Preset, get_preset, list_presets
+from .step import JacobianDescent
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "GoldenPendulum",
     "GoldenPendulumWeighting",
     "GramianDiagnostics",
+    "JacobianDescent",
     "Phase",
     "Preset",
     "TaskGroup",

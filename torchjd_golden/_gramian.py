@@ -13,6 +13,11 @@ The functions here never synchronise the host with an accelerator.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -27,6 +32,44 @@ _UPCAST_CHUNK = 1 << 20
 # Elements of the Jacobian copied and multiplied at once by gramian_and_cross_products: a chunk
 # stays in cache between the two.
 _STREAM_CHUNK = 1 << 19
+
+
+RowReduction = Callable[[Tensor, Literal["sum", "max", "min"]], Tensor]
+"""Reduces a row statistic (a sum, max or min over columns) of one block of columns over all."""
+
+_row_reduction: ContextVar[RowReduction | None] = ContextVar(
+    "torchjd_golden_row_reduction", default=None
+)
+
+
+@contextmanager
+def column_blocks(reduction: RowReduction) -> Iterator[None]:
+    r"""
+    Within the ``with`` block, the Jacobians the methods receive are one block of columns of the
+    whole Jacobian (this process's, in a multi-process step), and ``reduction`` turns a statistic
+    of the rows of the block (a sum, max or min over its columns) into that of the whole rows.
+    A method that splits over columns calls :func:`over_all_columns` on every such statistic
+    (inner products, sums of squares, largest entries, finiteness) before it uses it, so that
+    every block computes the same weights; its per-column state then covers its block only.
+    """
+
+    token = _row_reduction.set(reduction)
+    try:
+        yield
+    finally:
+        _row_reduction.reset(token)
+
+
+def over_all_columns(
+    statistic: Tensor, op: Literal["sum", "max", "min"] = "sum"
+) -> Tensor:
+    """
+    ``statistic`` of the rows of the whole Jacobian, given that of the rows of the block of columns
+    the method received (itself outside of :func:`column_blocks`).
+    """
+
+    reduction = _row_reduction.get()
+    return statistic if reduction is None else reduction(statistic, op)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

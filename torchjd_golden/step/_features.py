@@ -1,0 +1,90 @@
+r"""
+The fast step: weights from the Gramian of the tasks' gradients with respect to the shared
+features, then one ordinary backward pass.
+
+With :math:`F_k = \partial L_k / \partial z` the gradient of task :math:`k` with respect to the
+features :math:`z` (the trunk's output, every sample's), the feature Gramian is
+:math:`G^z_{ij} = \langle F_i, F_j \rangle`: :math:`m` backward passes through the heads only.
+The weights :math:`w` come from it (as MGDA-UB and LibMTL's ``rep_grad`` do); then one backward
+pass of the losses sends :math:`\sum_k w_k F_k` into the trunk, whose parameters receive
+exactly :math:`w^\top J` for those :math:`w`, through the model's own machinery (DDP's
+all-reduce, FSDP2's reduce-scatter, a compiled backward). Only the weights are approximate: they
+are the weights of :math:`G^z` instead of :math:`J J^\top = (\partial z / \partial \theta)^\top`
+-weighted inner products of the same :math:`F_k`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._gramian import combine_rows
+
+
+def feature_gradients(losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
+    """
+    The ``[m, N]`` matrix whose row :math:`k` is the gradient of ``losses[k]`` with respect to
+    ``features`` (flattened and joined), by one backward pass per loss through the heads.
+    """
+
+    rows = []
+    reached = False
+    for loss in losses:
+        gradients = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
+        reached = reached or any(g is not None for g in gradients)
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(f) if g is None else g).reshape(-1)
+                    for f, g in zip(features, gradients, strict=True)
+                ]
+            )
+        )
+    if not reached:
+        raise ValueError(
+            "No loss depends on the given `features`: they must be the shared representation "
+            "between the trunk and the heads. (A module compiled as a whole computes its losses "
+            "inside one graph, where its returned features are not on their path: compile the "
+            "trunk and the heads separately.)"
+        )
+    return torch.stack(rows)
+
+
+def weighted_backward(
+    losses: Sequence[Tensor],
+    weights: Tensor,
+    features: Sequence[Tensor] | None,
+    rows: Tensor | None,
+) -> None:
+    r"""
+    One backward pass that gives the trunk (every parameter before ``features``) the gradient of
+    :math:`\sum_k w_k L_k` and every other parameter its own task's gradient (the gradient of
+    :math:`\sum_k L_k`), as ``mtl_backward`` does. Without ``features`` every parameter receives
+    the gradient of :math:`\sum_k w_k L_k`.
+    """
+
+    if features is None or rows is None:
+        torch.autograd.backward(
+            list(losses), grad_tensors=[w.to(loss.dtype) for w, loss in zip(weights, losses)]
+        )
+        return
+    combined = combine_rows(weights, rows)
+    pieces = combined.split([f.numel() for f in features])
+    handles = [
+        feature.register_hook(_replacement(piece.view_as(feature)))
+        for feature, piece in zip(features, pieces, strict=True)
+    ]
+    try:
+        torch.autograd.backward(list(losses))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replacement(gradient: Tensor):  # noqa: ANN202 - a hook
+    def hook(_incoming: Tensor) -> Tensor:
+        return gradient
+
+    return hook
