@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 
 from ._methods import Method
+
+T = TypeVar("T")
+COPY_WAYS = ("pickle", "deepcopy", "torch.save")
 
 
 def relative_error(actual: Tensor, expected: Tensor) -> float:
@@ -125,3 +131,18 @@ def assert_compiled_matches_eager(case: Method, inputs: Sequence[Tensor], *, tol
         assert_close(case.step(traced, x, compiled), case.step(eager, x), atol=tol, rtol=tol)
     for name, value in eager.state_dict().items():
         assert_close(traced.state_dict()[name], value, atol=tol, rtol=tol)
+
+
+def copy_of(value: T, how: str) -> T:
+    """A copy of ``value`` by one of :data:`COPY_WAYS` (``torch.save`` of the whole object)."""
+
+    if how == "pickle":
+        copied: Any = pickle.loads(pickle.dumps(value))
+    elif how == "deepcopy":
+        copied = copy.deepcopy(value)
+    else:
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    return copied  # type: ignore[no-any-return]

@@ -20,7 +20,9 @@ from torchjd_golden import (
     golden_ratio_weights,
     gramian_diagnostics,
 )
+from torchjd_golden._recorder import DiagnosticsRecorder, hook_recorder
 
+from ._asserts import COPY_WAYS, copy_of
 from ._inputs import conflicting_jacobian
 
 JACOBIAN = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 0.5]], dtype=torch.float64)
@@ -199,15 +201,20 @@ def test_attached_to_other_aggregators(make: type[nn.Module]) -> None:
 
 
 def test_task_names_come_from_the_aggregator() -> None:
+    """The aggregator's names of the call's rows, else the monitor's own, else the indices."""
+
     aggregator = DynamicK([TaskGroup("g", ["p", "q"])])
     aggregator.tasks = ["p", "q", "r"]
-    monitor = ConflictMonitor()
+    monitor = ConflictMonitor(tasks=["u", "v", "w"])
     monitor.attach(aggregator)
     _train(aggregator, monitor, steps=1)
     assert list(monitor.report().gradient_norms) == ["p", "q", "r"]
-    monitor.tasks = ["u", "v", "w"]
+    aggregator.tasks = None
     _train(aggregator, monitor, steps=1)
     assert list(monitor.report().gradient_norms) == ["u", "v", "w"]
+    monitor.tasks = None
+    _train(aggregator, monitor, steps=1)
+    assert list(monitor.report().gradient_norms) == [0, 1, 2]
 
 
 def test_weights_by_name_follow_the_names() -> None:
@@ -240,8 +247,77 @@ def test_bad_input_is_named() -> None:
         ConflictMonitor(window_size=0)
     with pytest.raises(ValueError, match="3 task names"):
         ConflictMonitor(tasks=["a", "b", "c"]).record(torch.eye(2))
-    with pytest.raises(ValueError, match="attach"):
+    with pytest.raises(TypeError, match="`Linear` does not combine the rows with a weighting"):
         ConflictMonitor().attach(nn.Linear(2, 2))
+
+
+class Recorder:
+    """A user's recorder, with the protocol's `record`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Tensor, Tensor | None, object]] = []
+
+    def record(
+        self, gramian: Tensor, weights: Tensor | None = None, *, tasks: object = None
+    ) -> None:
+        self.calls.append((gramian, weights, tasks))
+
+
+@pytest.mark.parametrize("make", [GoldenPendulum, GABA, ExcessMTL])
+def test_a_monitor_and_a_users_recorder_get_the_same_records(make: type[nn.Module]) -> None:
+    """One protocol, one hook: a recorder attached as the monitor is sees what it records."""
+
+    aggregator = make()
+    aggregator.tasks = ["p", "q", "r"]
+    monitor, recorder, by_hand = ConflictMonitor(), Recorder(), ConflictMonitor()
+    assert isinstance(monitor, DiagnosticsRecorder)
+    monitor.attach(aggregator)
+    hook_recorder(aggregator, recorder)
+    _train(aggregator, monitor, steps=2)
+
+    assert [tasks for _, _, tasks in recorder.calls] == [("p", "q", "r")] * 2
+    for gramian, weights, tasks in recorder.calls:
+        by_hand.record(gramian, weights, tasks=tasks)
+    assert monitor.report() == by_hand.report()
+    if make is GoldenPendulum:  # the QP solution, as golden-pendulum-mtl reports its weights
+        assert torch.equal(recorder.calls[-1][1], aggregator.alpha)
+
+
+class Holder(nn.Module):
+    """A model holding an aggregator, and the monitor attached to it as a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aggregator = GoldenPendulum()
+        self.monitor = ConflictMonitor(tasks=["x", "y", "z"])
+        self.monitor.attach(self.aggregator)
+
+
+@pytest.mark.parametrize("how", COPY_WAYS)
+def test_a_module_with_a_monitor_attached_copies_with_its_own_monitor(how: str) -> None:
+    holder = Holder()
+    _train(holder.aggregator, holder.monitor, steps=2)
+    twin = copy_of(holder, how)
+    assert twin.monitor is not holder.monitor
+    assert twin.monitor.history().keys() == holder.monitor.history().keys()
+    for name, values in holder.monitor.history().items():
+        assert torch.equal(twin.monitor.history()[name], values)
+
+    jacobians = _train(twin.aggregator, twin.monitor, steps=1)
+    assert (twin.monitor.step_count, holder.monitor.step_count) == (3, 2)
+    expected = gramian_diagnostics(jacobians[-1].double() @ jacobians[-1].double().T)
+    report = twin.monitor.report()
+    assert report.conflict_ratio == pytest.approx(float(expected.conflict_ratio))
+    assert list(report.gradient_norms) == ["x", "y", "z"]
+    assert report.balance_ratio == pytest.approx(float(twin.aggregator.balance_ratio))
+
+    # An aggregator alone: its copy's hook records into a copy of the monitor.
+    aggregator, monitor = GoldenPendulum(), ConflictMonitor()
+    monitor.attach(aggregator)
+    copied = copy_of(aggregator, how)
+    _train(copied, monitor, steps=1)
+    (hook,) = copied.gramian_weighting._forward_hooks.values()
+    assert (hook.recorder.step_count, monitor.step_count) == (1, 0)
 
 
 # Defined only where a GPU is present, rather than skipped everywhere else.

@@ -19,6 +19,7 @@ from torchjd.autojac import backward, jac_to_grad
 
 from torchjd_golden import GCond, GoldenPendulum, WeightLogger, gramian_diagnostics
 
+from ._asserts import COPY_WAYS, copy_of
 from ._inputs import conflicting_jacobian
 
 
@@ -217,6 +218,32 @@ def test_the_logger_rejects_names_that_do_not_fit(tmp_path: Path) -> None:
         _train(aggregator, steps=1)
 
 
+def test_the_logger_refuses_names_equal_as_text(tmp_path: Path) -> None:
+    """1 and "1" would share the key "1" of a JSON line, and one weight would be lost."""
+
+    message = r"The task names 1 and '1' both read '1' as text"
+    with pytest.raises(ValueError, match=message):
+        WeightLogger(tmp_path / "w.jsonl", tasks=[1, "1", "b"])
+    aggregator = GoldenPendulum()
+    aggregator.tasks = [1, "1", "b"]  # distinct names for the aggregator: the logger refuses
+    WeightLogger(tmp_path / "w.jsonl").attach(aggregator)
+    with pytest.raises(ValueError, match=message):
+        _train(aggregator, steps=1)
+    assert not (tmp_path / "w.jsonl").exists()
+
+
+def test_a_closed_logger_refuses_to_log(tmp_path: Path) -> None:
+    aggregator = GoldenPendulum()
+    with WeightLogger(tmp_path / "w.jsonl") as logger:
+        handle = logger.attach(aggregator)
+        _train(aggregator, steps=2)
+    with pytest.raises(ValueError, match=r"WeightLogger is closed.*handle.remove\(\)"):
+        _train(aggregator, steps=1)
+    assert [r["step"] for r in _records(tmp_path / "w.jsonl")] == [0, 1]
+    handle.remove()
+    _train(aggregator, steps=1)  # detached: the aggregator trains on
+
+
 def test_the_logger_reports_golden_pendulum_alpha_as_the_reference_does(tmp_path: Path) -> None:
     """
     golden-pendulum-mtl reports the QP solution as its weights, and their balance: the logger
@@ -302,6 +329,25 @@ def test_a_module_carrying_the_logger_deep_copies(tmp_path: Path) -> None:
 
     assert twin_logger is not logger
     assert [r["step"] for r in _records(tmp_path / "w.jsonl")] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("how", COPY_WAYS)
+def test_a_module_carrying_the_logger_pickles(tmp_path: Path, how: str) -> None:
+    """The copy's logger continues the step count into the same file, with its own handle."""
+
+    aggregator = GoldenPendulum()
+    logger = WeightLogger(tmp_path / "w.jsonl", tasks=["a", "b", "c"])
+    logger.attach(aggregator)
+    _train(aggregator, steps=2)
+    twin = copy_of(aggregator, how)
+    (twin_logger,) = twin.gramian_weighting._forward_hooks.values()
+    assert twin_logger is not logger
+    _train(twin, steps=1)
+    twin_logger.close()
+    logger.close()
+    records = _records(tmp_path / "w.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert list(records[-1]["weights"]) == ["a", "b", "c"]
 
 
 def test_the_logger_names_the_extra_when_tensorboard_is_missing(

@@ -137,9 +137,36 @@ def test_the_default_diagnostics_are_the_engine_fed_by_the_step() -> None:
     torch.testing.assert_close(scalars["norm_ratio"], expected.norm_ratio, rtol=1e-5, atol=0.0)
 
 
-def test_a_recorder_must_have_a_record_method() -> None:
-    with pytest.raises(TypeError, match="`diagnostics` must be a bool or an object with a"):
+def test_a_monitor_of_ones_own_is_fed_as_the_default_engine() -> None:
+    """diagnostics=ConflictMonitor(): the same hook as diagnostics=True, names from the step."""
+
+    monitor = ConflictMonitor()
+    step = JacobianStep(UPGrad(), diagnostics=monitor)
+    default = JacobianStep(UPGrad(), diagnostics=True)
+    assert step.recorder is monitor
+    for current in (step, default):
+        model, losses = _losses()
+        current.backward(current.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}))
+        current.resolve(model.parameters())
+    assert isinstance(default.recorder, ConflictMonitor)
+    for engine in (monitor, default.recorder):
+        assert engine.step_count == 1
+        assert list(engine.report().gradient_norms) == ["seg", "depth", "edge"]
+    assert monitor.report() == default.recorder.report()
+
+
+class OldRecorder:
+    def record(self, gramian: Tensor, weights: Tensor, tasks: object, /) -> None:
+        raise AssertionError("never called")
+
+
+def test_a_recorder_must_have_the_record_method_of_the_protocol() -> None:
+    expected = r"`diagnostics` must be an object with a method `record\(gramian, weights=None"
+    with pytest.raises(TypeError, match=expected + ".*Found object"):
         JacobianStep("upgrad", diagnostics=object())  # type: ignore[arg-type]
+    # A mismatch is named when the step is made, not at the first training step.
+    with pytest.raises(TypeError, match=expected + r".*OldRecorder with `record\(gramian, "):
+        JacobianStep("upgrad", diagnostics=OldRecorder())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="no weights to log"):
         JacobianStep({"name": "trimmed_mean", "trim_number": 1}, diagnostics=True)
 

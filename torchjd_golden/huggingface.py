@@ -65,8 +65,9 @@ class MultiTaskTrainer(Trainer):
         :func:`~torchjd_golden.aggregator_from_config`.
     :param diagnostics: ``True`` to attach the diagnostics engine
         (:class:`~torchjd_golden.ConflictMonitor`) to the aggregator: it records each step's
-        Gramian (the one the aggregation computed: no extra backward pass); or a recorder with a
-        ``record(gramian, weights, tasks)`` method.
+        Gramian (the one the aggregation computed: no extra backward pass); or a recorder to
+        attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
+        object with a ``record(gramian, weights=None, *, tasks=None)`` method.
     :param args: The positional and keyword arguments of :class:`transformers.Trainer`.
     """
 
@@ -85,7 +86,7 @@ class MultiTaskTrainer(Trainer):
 
     @property
     def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
-        """The diagnostics engine (``diagnostics=True``) or recorder, or ``None``."""
+        """The diagnostics engine (``diagnostics=True``) or the recorder given, or ``None``."""
         return self.jacobian_step.recorder
 
     def training_step(

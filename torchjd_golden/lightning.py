@@ -72,8 +72,9 @@ class MultiTaskModule(LightningModule):
         :func:`~torchjd_golden.aggregator_from_config` (``"gcond"``, ``{"name": "upgrad"}``).
     :param diagnostics: ``True`` to attach the diagnostics engine
         (:class:`~torchjd_golden.ConflictMonitor`) to the aggregator: it records each step's
-        Gramian (the one the aggregation computed: no extra backward pass); or a recorder with a
-        ``record(gramian, weights, tasks)`` method.
+        Gramian (the one the aggregation computed: no extra backward pass); or a recorder to
+        attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
+        object with a ``record(gramian, weights=None, *, tasks=None)`` method.
     :param log_weights: Whether to log the weights through ``self.log``.
     """
 
@@ -97,7 +98,7 @@ class MultiTaskModule(LightningModule):
 
     @property
     def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
-        """The diagnostics engine (``diagnostics=True``) or recorder, or ``None``."""
+        """The diagnostics engine (``diagnostics=True``) or the recorder given, or ``None``."""
         return self._jacobian_step.recorder
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
