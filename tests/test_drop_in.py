@@ -141,6 +141,51 @@ def test_golden_nash_backward() -> None:
     assert_same_records(run(golden_nash_backward), WORST, "golden_nash_backward")
 
 
+def uncertainty_weighting(gp: ModuleType, pro: ModuleType, work: Workload) -> Iterator[Any]:
+    """
+    Kendall et al.'s uncertainty weighting: learned log-variances :math:`s`, outside the model,
+    in every loss :math:`e^{-s_k} L_k + s_k`. The reference's per-task ``loss.backward()`` gives
+    them the sum of the tasks' gradients; so must every drop-in backward.
+    """
+
+    log_vars = torch.linspace(-0.5, 0.5, len(TASKS), dtype=torch.float64).requires_grad_()
+    optimizer = torch.optim.SGD([log_vars], lr=0.1)
+    backbone = list(work.model.backbone.parameters())
+    adaptive = pro.AdaptiveLambda()
+    dynamic = pro.DynamicK(groups=[pro.TaskGroup("ranking", tasks={"returns", "rank"})])
+    engine = pro.DiagnosticsEngine()
+    balancer = gp.GoldenPendulumMTL()
+
+    def weighted(tasks: tuple[str, ...] = TASKS) -> dict[str, torch.Tensor]:
+        losses = work.losses(tasks)
+        return {
+            name: torch.exp(-log_vars[TASKS.index(name)]) * loss + log_vars[TASKS.index(name)]
+            for name, loss in losses.items()
+        }
+
+    calls = [
+        lambda: gp.golden_nash_backward(weighted(), work.model),
+        lambda: gp.golden_nash_backward(weighted(), work.model, shared_params=backbone),
+        lambda: gp.golden_nash_backward(weighted(TASKS[:1]), work.model),
+        lambda: balancer.backward(weighted(), work.model),
+        lambda: adaptive.backward(weighted(), work.model),
+        lambda: dynamic.backward(weighted(), work.model),
+        lambda: engine.analyze(weighted(), work.model),
+    ]
+    for index, call in enumerate(calls):
+        result = call()
+        assert log_vars.grad is not None
+        yield result, work.gradients(), log_vars.grad.clone()
+        work.step()
+        if index > 0:  # the first call's gradient is kept: the second call adds to it
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_gradients_reach_tensors_outside_the_model() -> None:
+    assert_same_records(run(uncertainty_weighting), WORST, "outside the model")
+
+
 def adaptive_lambda(gp: ModuleType, pro: ModuleType, work: Workload) -> Iterator[Any]:
     del gp
     adaptive = pro.AdaptiveLambda(lam_init=0.4, ema_decay=0.8, sensitivity=3.0)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import Tensor
 from torchjd.aggregation import Weighting
 from torchjd.aggregation._mixins import _NonDifferentiable
 from torchjd.aggregation._weighting_bases import _GramianWeighting, _MatrixWeighting
+from torchjd.autojac._utils import get_leaf_tensors
 from torchjd.linalg import Matrix, PSDMatrix
 
 NonDifferentiable = _NonDifferentiable
@@ -44,3 +46,13 @@ def weighting_of_matrix(
     del composition._modules["weighting"]
     object.__setattr__(composition, "weighting", gramian_weighting)
     return composition
+
+
+def leaf_tensors(tensor: Tensor) -> list[Tensor]:
+    """
+    The leaves of ``tensor``'s autograd graph that require gradients, in torchjd's order: what
+    ``tensor.backward()`` would write ``.grad`` to (torchjd's ``backward`` finds its default
+    ``inputs`` so).
+    """
+
+    return list(get_leaf_tensors(tensors=[tensor], excluded=[]))
