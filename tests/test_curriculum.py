@@ -175,13 +175,101 @@ def test_with_features_it_is_mtl_backward() -> None:
 
 
 def test_missing_tasks_give_no_gradient(caplog: pytest.LogCaptureFixture) -> None:
+    """With every task named, a batch with none of the phase's tasks trains nothing."""
+
     model = Net()
-    curriculum = Curriculum(phases(), model=model)
+    curriculum = Curriculum(phases(), model=model, tasks=TASKS)
     losses = model.losses(batches(1)[0])
     with caplog.at_level(logging.WARNING):
         assert curriculum.backward({"d": losses["d"]}) == {}
     assert "no gradient" in caplog.text
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_phase_task_that_no_loss_carries_raises_with_the_names() -> None:
+    """ "vol" for "volatility": without `tasks`, every phase task must have a loss."""
+
+    model = Net()
+    typo = [Phase("joint", {"a", "b", "vol"}, steps=2)]
+    curriculum = Curriculum(typo, model=model)
+    losses = model.losses(batches(1)[0])
+    expected = (
+        r"Phase 'joint' trains \['a', 'b', 'vol'\], but no loss carries \['vol'\]: the losses "
+        r"are of \['a', 'b', 'c', 'd'\]\..*`Curriculum\(\.\.\., tasks=\.\.\.\)`"
+    )
+    with pytest.raises(ValueError, match=expected):
+        curriculum.backward(losses)
+    assert all(p.grad is None for p in model.parameters())
+    # A batch without one of the phase's tasks raises too, unless the tasks are named.
+    curriculum = Curriculum(phases(), model=model)
+    with pytest.raises(ValueError, match=r"no loss carries \['b'\]"):
+        curriculum.backward({"a": losses["a"], "c": losses["c"]})
+
+
+def test_named_tasks_check_the_phases_and_let_a_batch_lack_some() -> None:
+    with pytest.raises(ValueError, match=r"Phase 'joint' trains \['vol'\], which is not among"):
+        Curriculum([Phase("joint", {"a", "vol"}, steps=2)], tasks=TASKS)
+    with pytest.raises(ValueError, match="`tasks` must be a collection of task names"):
+        Curriculum(phases(), tasks="abcd")
+
+    model = Net()
+    reference_model = copy.deepcopy(model)
+    curriculum = Curriculum(phases(), model=model, tasks=TASKS)
+    inputs = batches(1)[0]
+    losses = model.losses(inputs)
+    with pytest.raises(ValueError, match=r"The losses carry \['volatility'\], which is not among"):
+        curriculum.backward({"a": losses["a"], "volatility": losses["b"]})
+
+    # Phase "joint" trains a, b and c: this batch lacks b, so a and c are balanced.
+    weights = curriculum.backward({name: losses[name] for name in ("a", "c", "d")})
+    assert list(weights) == ["a", "c"]
+    theirs = reference_model.losses(inputs)
+    golden_nash_backward({"a": theirs["a"], "c": theirs["c"]}, reference_model, lam=0.6)
+    for mine, other in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert (mine.grad is None) == (other.grad is None)
+        if mine.grad is not None:
+            assert relative_error(mine.grad, other.grad) < 1e-10
+
+
+def test_losses_must_be_named() -> None:
+    model = Net()
+    curriculum = Curriculum(phases(), model=model)
+    losses = list(model.losses(batches(1)[0]).values())
+    with pytest.raises(TypeError, match=r"`losses` must be a mapping from task name to loss.*list"):
+        curriculum.backward(losses)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        [Phase("joint", {"a", "b", "c"}, steps=3), Phase("tails", ["c", "d"], steps=4)],
+        [Phase("joint", {"a", "b", "c"}, steps=3), Phase("heads", ["c", "d"], steps=40)],
+        [Phase("joint", {"a", "b", "c"}, steps=3)],
+    ],
+    ids=["a phase's name", "a phase's steps", "a phase fewer"],
+)
+def test_a_checkpoint_of_other_phases_is_refused(other: list[Phase]) -> None:
+    model = Net()
+    curriculum = Curriculum(phases(), model=model)
+    for inputs in batches(4):
+        curriculum.backward(model.losses(inputs))
+        curriculum.step()
+    buffer = io.BytesIO()
+    torch.save(curriculum.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    elsewhere = Curriculum(other, model=model)
+    with pytest.raises(ValueError, match=r"checkpoint is of a curriculum with other phases.*"
+                       r"\[\('joint', 3\), \('heads', 4\)\]"):  # fmt: skip
+        elsewhere.load_state_dict(state)
+    assert (elsewhere.global_step, elsewhere.current_phase_name) == (0, "joint")
+    unnamed = {key: value for key, value in state.items() if key != "phases"}
+    with pytest.raises(ValueError, match="none saved"):
+        Curriculum(phases(), model=model).load_state_dict(unnamed)
+    same = Curriculum(phases(), model=model)
+    same.load_state_dict(state)  # same names and steps; callbacks and settings may differ
+    assert (same.global_step, same.current_phase_name, same.phase_step) == (4, "heads", 1)
 
 
 def test_a_run_resumed_from_a_checkpoint_continues_identically() -> None:
@@ -269,7 +357,7 @@ def test_bad_input_is_named() -> None:
         Curriculum(["joint"])  # type: ignore[list-item]
     curriculum = Curriculum(phases())
     with pytest.raises(ValueError, match="model"):
-        curriculum.backward({"a": torch.tensor(1.0, requires_grad=True)})
+        curriculum.backward({k: torch.tensor(1.0, requires_grad=True) for k in ("a", "b", "c")})
 
 
 def test_a_stateful_aggregator_keeps_its_state_across_phases() -> None:

@@ -318,6 +318,33 @@ def test_curriculum_scheduler_without_model_in_step() -> None:
     assert_same_records(records, WORST, "CurriculumScheduler")
 
 
+def curriculum_with_absent_tasks(gp: ModuleType, pro: ModuleType, work: Workload) -> Iterator[Any]:
+    """
+    The reference trains the phase's tasks that have a loss and only warns when none has: a
+    phase task that no loss carries ("volatility" for "vol") is silently left out. The drop-in
+    keeps that (:class:`torchjd_golden.Curriculum` raises).
+    """
+
+    del gp
+    phases = [
+        pro.Phase("A", tasks={"returns", "rank", "volatility"}, steps=2, lam=0.6),
+        pro.Phase("B", tasks={"regime"}, steps=1),
+    ]
+    scheduler = pro.CurriculumScheduler(phases)
+    for _ in range(2):
+        yield scheduler.backward(work.losses(), work.model), work.gradients()
+        work.step()
+        scheduler.step()
+    yield scheduler.backward(work.losses(TASKS[:3]), work.model), work.gradients()
+
+
+def test_curriculum_scheduler_with_absent_tasks() -> None:
+    records = run(curriculum_with_absent_tasks)
+    trained = [list(weights) for weights, _ in records["reference"]]
+    assert trained == [["returns", "rank"], ["returns", "rank"], []]
+    assert_same_records(records, WORST, "CurriculumScheduler")
+
+
 def diagnostics(gp: ModuleType, pro: ModuleType, work: Workload) -> Iterator[Any]:
     engine = pro.DiagnosticsEngine(window_size=80, alert_conflict_ratio=0.2)
     balancer = gp.GoldenPendulumMTL(lam=0.05)
