@@ -235,6 +235,9 @@ def test_update_shares_by_hand() -> None:
     # |w_k| ||g_k|| = 0.5, 1, 0 over a total of 1.5.
     torch.testing.assert_close(update_shares(weights, norms), torch.tensor([1 / 3, 2 / 3, 0.0]))
     torch.testing.assert_close(update_shares(weights, torch.zeros(3)), torch.zeros(3))
+    # Step by step along the last dimension; the weights' scale does not matter.
+    steps = update_shares(torch.stack([weights, 3 * weights]), torch.stack([norms, norms]))
+    torch.testing.assert_close(steps, torch.tensor([[1 / 3, 2 / 3, 0.0]]).expand(2, 3))
     assert balance(torch.tensor([[0.1, -0.4, 0.2]])).tolist() == pytest.approx([0.25])
 
 

@@ -115,14 +115,13 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
     inputs, targets = workload.train_inputs.to(device), workload.train_targets.to(device)
     loss_history: list[Tensor] = []
     weight_history: list[Tensor] = []
-    share_history: list[Tensor] = []
     alpha_history: list[Tensor] = []
-    row_norms: list[Tensor] = []
+    norm_history: list[Tensor] = []
 
     def read_row_norms(_aggregator: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         # The norms of the rows the aggregator combines (the square roots of its Gramian's
         # diagonal), read from its input as it is called: no extra backward pass.
-        row_norms.append(torch.linalg.vector_norm(inputs[0].detach(), dim=1))
+        norm_history.append(torch.linalg.vector_norm(inputs[0].detach(), dim=1))
 
     hook = aggregator.register_forward_pre_hook(read_row_norms)
 
@@ -147,24 +146,24 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
             optimizer.step()
             optimizer.zero_grad()
             loss_history.append(torch.stack(losses).detach())
-            norms = row_norms.pop()
+            # Copies: a stateful method may update the tensors it returned in place.
             if returned is not None:
-                weights = returned.detach().float()
-                weight_history.append(weights / weights.abs().sum())
-                share_history.append(update_shares(weights, norms))
+                weight_history.append(returned.detach().clone())
             alpha = getattr(aggregator, "alpha", None)
-            if isinstance(alpha, Tensor):  # Golden Pendulum's; a buffer updated in place
-                alpha_history.append(alpha.detach().float().clone())
+            if isinstance(alpha, Tensor):  # Golden Pendulum's
+                alpha_history.append(alpha.detach().clone())
         seconds = (time.perf_counter() - start) / job.steps
     hook.remove()
 
+    # Normalised after the timed loop, so that the time per step is the method's own.
+    weights = _stacked(weight_history, job.steps)
     return Run(
         job=job,
         metrics=_evaluate(network, workload, workload.tasks, range(len(workload.tasks)), device),
         seconds_per_step=seconds,
         losses=torch.stack(loss_history).cpu(),
-        weights=_stacked(weight_history, job.steps),
-        shares=_stacked(share_history, job.steps),
+        weights=None if weights is None else weights / weights.abs().sum(dim=1, keepdim=True),
+        shares=None if weights is None else update_shares(weights, torch.stack(norm_history).cpu()),
         alphas=_stacked(alpha_history, job.steps),
     )
 
@@ -173,19 +172,22 @@ def update_shares(weights: Tensor, row_norms: Tensor) -> Tensor:
     r"""
     Each task's share of the update :math:`\sum_j w_j g_j`: :math:`s_k = |w_k| \|g_k\| / \sum_j
     |w_j| \|g_j\|`, the part of the step's length that task :math:`k`'s gradient contributes
-    before the rows add up (the "gradient bandwidth" a task gets). Scale-free in the weights; all
-    zeros when every product is zero.
+    before the rows add up (the "gradient bandwidth" a task gets), over the last dimension (one
+    step, or ``steps x m``). Scale-free in the weights; all zeros when every product is zero.
     """
 
     contributions = weights.abs() * row_norms
-    total = contributions.sum()
+    total = contributions.sum(dim=-1, keepdim=True)
     return contributions / torch.where(total > 0, total, 1.0)
 
 
 def _stacked(history: Sequence[Tensor], steps: int) -> Tensor | None:
-    """``steps x m`` on the CPU, or None for a quantity the method did not give at every step."""
+    """
+    ``steps x m`` in float32 on the CPU, or None for a quantity the method did not give at every
+    step.
+    """
 
-    return torch.stack(list(history)).cpu() if len(history) == steps else None
+    return torch.stack(list(history)).float().cpu() if len(history) == steps else None
 
 
 def _train_single_task(workload: Workload, job: Job, index: int, device: torch.device) -> Run:
