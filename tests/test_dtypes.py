@@ -124,15 +124,6 @@ def test_state_follows_to_a_dtype(name: str) -> None:
         )
 
 
-@pytest.mark.parametrize("name", STATEFUL)
-def test_state_moved_away_from_the_input_is_named(name: str) -> None:
-    module = AGGREGATORS[name]()
-    module(_steps(torch.float32, "cpu", count=1)[0])
-    module.to("meta")
-    with pytest.raises(ValueError, match="is on meta but the input is on cpu"):
-        module(_steps(torch.float32, "cpu", count=1)[0])
-
-
 # Defined only where a GPU is present, rather than skipped everywhere else.
 if torch.cuda.is_available():
 
