@@ -372,6 +372,14 @@ def test_checkpoint_carries_groups_names_and_calls() -> None:
         assert torch.equal(resumed(jacobian), output)
 
 
+def test_a_checkpoint_of_plain_values_is_refused_with_a_message() -> None:
+    """What DynamicK saved before its state moved to buffers: no count to resume from."""
+
+    old = {"groups": [["g", ["a", "b"], None]], "tasks": ["a", "b"], "step_count": 7}
+    with pytest.raises(ValueError, match="written before the state moved to buffers"):
+        DynamicK().load_state_dict({"gramian_weighting._extra_state": old}, strict=False)
+
+
 @pytest.mark.parametrize("optimize", [False, True])
 def test_jac_to_grad_and_the_autogram_engine(optimize: bool) -> None:
     def make() -> nn.Module:

@@ -541,6 +541,13 @@ class DynamicKWeighting(
         return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state: Tensor) -> None:
+        if not isinstance(state, Tensor):
+            raise ValueError(  # (unreleased versions kept the count as a Python number)
+                f"This checkpoint of `{self.__class__.__name__}` holds its groups, task names and "
+                "number of calls as plain values, without the state buffers: it was written "
+                "before the state moved to buffers and cannot be resumed. Set `groups` and "
+                f"`tasks` from it by hand: {state!r}."
+            )
         decoded = json.loads(bytes(state.tolist()))
         self._groups = self._checked_groups(
             [
