@@ -192,7 +192,6 @@ class AdaptiveGoldenPendulumWeighting(
     """
 
     _state_names = ("alpha", "lam", "conflict_ema", "loss_ratio_ema", "step_count")
-
     _keeps_state_dtype = True
     alpha: Tensor
     lam: Tensor

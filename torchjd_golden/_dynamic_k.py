@@ -207,7 +207,7 @@ class DynamicKWeighting(
     groups and names as the module's extra state, a tensor of their JSON, so that
     ``torch.load(weights_only=True)`` reads it). A non-finite Gramian gives NaN weights and
     leaves all of it as it was: it counts no step, does not regroup and keeps :attr:`alpha`
-    (unless the call's tasks are not those of the last call: :attr:`alpha` is then NaN).
+    (unless its number of tasks differs from the last call's: :attr:`alpha` is then NaN).
     Without task names, a change of :math:`m` resets the state with a warning, as
     :meth:`reset` does: the count restarts and the groups are the configured ones (those given
     at construction or last set through :attr:`groups`).
