@@ -205,6 +205,31 @@ def test_adaptive_lambda() -> None:
     assert_same_records(run(adaptive_lambda), WORST, "AdaptiveLambda")
 
 
+def adaptive_lambda_non_positive_losses(
+    gp: ModuleType, pro: ModuleType, work: Workload
+) -> Iterator[Any]:
+    """A loss that reaches zero, then a negative one: the reference divides by 1e-10."""
+
+    del gp
+    adaptive = pro.AdaptiveLambda(ema_decay=0.8)
+    for step in range(5):
+        losses = work.losses()
+        if step == 1:
+            losses["vol"] = 0.0 * losses["vol"]
+        if step >= 2:
+            losses["mae"] = losses["mae"] - 10.0  # as a log-likelihood can be
+        weights = adaptive.backward(losses, work.model)
+        yield weights, work.gradients(), adaptive.current_lam, adaptive.loss_ratio
+        work.step()
+    yield adaptive.get_history()
+
+
+def test_adaptive_lambda_with_zero_and_negative_losses() -> None:
+    records = run(adaptive_lambda_non_positive_losses)
+    assert records["reference"][1][3] > 1e8  # the reference's loss ratio after the zero loss
+    assert_same_records(records, WORST, "AdaptiveLambda (losses <= 0)")
+
+
 def groups_of(dynamic: Any) -> list[tuple[str, set[str], float | None]]:
     return [(g.name, set(g.tasks), g.lam) for g in dynamic.current_groups]
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from golden_pendulum import golden_nash_backward
@@ -17,6 +19,7 @@ from torchjd_golden import (
     GoldenPendulumWeighting,
     golden_ratio_weights,
 )
+from torchjd_golden._adaptive_golden_pendulum import step_loss_ratio
 
 from ._asserts import (
     assert_permutation_invariant,
@@ -254,6 +257,43 @@ def test_adaptive_rejects_bad_losses() -> None:
         weighting.losses = torch.ones(2, 2)
     with pytest.raises(ValueError, match="losses"):
         weighting.losses = torch.ones(3, dtype=torch.int64)
+
+
+def test_adaptive_loss_ratio_is_that_of_positive_losses() -> None:
+    """max / max(min, 1e-10) for positive losses (the reference's floor); NaN otherwise."""
+
+    def ratio(*losses: float) -> float:
+        return float(step_loss_ratio(torch.tensor(losses, dtype=torch.float64)))
+
+    assert ratio(3.0, 0.5, 1.5) == 6.0
+    assert ratio(2.0, 1e-12) == 2.0 / 1e-10
+    assert math.isnan(ratio(2.0, 0.0, 1.0))
+    assert math.isnan(ratio(-1.0, 3.0))
+    assert math.isnan(ratio(-3.0, -1.0))
+
+
+def test_adaptive_keeps_the_loss_ratio_at_steps_with_non_positive_losses() -> None:
+    """
+    Three tasks with orthogonal gradients (no conflict), beta = 0.5, c* = 0.3, s = 1. A zero loss,
+    then a negative one, leave r = 1 (the reference would take 2/1e-10, then 3/1e-10) and lambda
+    follows the conflicts alone; positive losses then move r again. By hand:
+    c_t = 0.3 / 2^t, lambda_t = lambda_{t-1} exp(0.1 (c_t - 0.3)) (1 + 0.1 log r_t)^[r_t > 1].
+    """
+
+    weighting = AdaptiveGoldenPendulumWeighting(ema_decay=0.5)
+    gramian = torch.eye(3, dtype=torch.float64)
+    lam, r = 0.5, 1.0
+    steps = [(2.0, 0.0, 1.0), (-1.0, 3.0, 2.0), (4.0, 1.0, 2.0)]
+    for t, losses in enumerate(steps, start=1):
+        weighting.losses = torch.tensor(losses, dtype=torch.float64)
+        weighting(gramian)
+        if min(losses) > 0.0:
+            r = 0.5 * r + 0.5 * max(losses) / min(losses)
+        lam *= math.exp(0.1 * (0.3 / 2**t - 0.3)) * (1.0 + 0.1 * math.log(r) if r > 1.0 else 1.0)
+        eps = torch.finfo(torch.float64).eps
+        assert float(weighting.loss_ratio) == pytest.approx(r, rel=4 * eps)
+        assert float(weighting.current_lam) == pytest.approx(lam, rel=16 * t * eps)
+    assert r == 2.5
 
 
 def test_adaptive_with_one_task_leaves_the_state_alone() -> None:

@@ -121,7 +121,7 @@ def _restricted_copy(method: Method, module: nn.Module, names: Sequence[str]) ->
     rows = torch.tensor([inner.known_tasks.index(name) for name in names])
     for buffer in inner._per_task_names:
         inner._buffers[buffer] = inner._buffers[buffer].index_select(0, rows)
-    inner._set_known_tasks(list(names), rows.device)
+    inner._known_tasks = list(names)
     return copy
 
 
