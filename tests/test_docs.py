@@ -8,11 +8,17 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from golden_pendulum import golden_nash_backward
 
 import torchjd_golden
+
+from ._asserts import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +70,54 @@ def _testcode_examples() -> list[tuple[str, list[tuple[str, str | None]]]]:
     return examples
 
 
+def _printed_numbers(printed: str) -> list[float]:
+    return [float(number) for number in re.findall(r"-?\d+\.\d*(?:e[-+]?\d+)?", printed)]
+
+
+def _check_the_quick_start(code: str, namespace: dict[str, Any], printed: str) -> None:
+    """
+    The gradient the quick start writes and the alpha and balance it prints are those of
+    golden-pendulum-mtl's ``golden_nash_backward`` on the same model and batch (rebuilt by
+    running the block up to its backward pass from the same seed).
+    """
+
+    torch.manual_seed(0)
+    again: dict[str, Any] = {}
+    exec(compile(code[: code.index("backward(losses)")], "README.md", "exec"), again)
+    losses = again["losses"]
+    alpha = golden_nash_backward(
+        {f"task_{k}": loss for k, loss in enumerate(losses)}, again["model"]
+    )
+    m = len(alpha)
+    expected = [*alpha.values(), min(alpha.values()) / max(alpha.values())]
+    # torch prints 4 decimals: half a unit of the last one, and float32's rounding.
+    assert _printed_numbers(printed) == pytest.approx(expected, abs=5e-5 + 1e-6)
+    tolerance = 8 * m * torch.finfo(torch.float32).eps
+    for ours, theirs in zip(
+        namespace["model"].parameters(), again["model"].parameters(), strict=True
+    ):
+        assert ours.grad is not None
+        assert theirs.grad is not None
+        assert relative_error(ours.grad, theirs.grad) <= tolerance
+
+
+# What each README block computes is checked against a recomputation; a block is matched to its
+# check by a line it holds, and a block without one fails.
+README_CHECKS: dict[str, Callable[[str, dict[str, Any], str], None]] = {
+    "aggregator = GoldenPendulum()": _check_the_quick_start,
+}
+
+
 @pytest.mark.parametrize("code", _readme_blocks())
-def test_readme_python_blocks_run(code: str) -> None:
-    exec(compile(code, "README.md", "exec"), {})
+def test_readme_python_blocks_compute_what_they_print(
+    code: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checks = [check for line, check in README_CHECKS.items() if line in code]
+    assert len(checks) == 1, "each README block needs one check in README_CHECKS"
+    torch.manual_seed(0)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    checks[0](code, namespace, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(("name", "blocks"), _testcode_examples())
