@@ -163,7 +163,7 @@ def test_readme_python_blocks_compute_what_they_print(
 
 
 @pytest.mark.parametrize(("name", "blocks"), _testcode_examples())
-def test_docstring_examples_run(
+def test_testcode_blocks_run_and_print_their_output(
     name: str, blocks: list[tuple[str, str | None]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     namespace: dict[str, object] = {}
@@ -198,7 +198,7 @@ def test_the_sphinx_site_builds_without_warnings(tmp_path: Path) -> None:
     """
     The documentation builds with warnings as errors. Its examples run once each, not in a
     Sphinx doctest build: the pages' and the docstrings' ``>>>`` lines as pytest's doctests,
-    their ``.. testcode::`` blocks in :func:`test_docstring_examples_run`.
+    their ``.. testcode::`` blocks in :func:`test_testcode_blocks_run_and_print_their_output`.
     """
 
     result = subprocess.run(
