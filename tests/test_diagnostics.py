@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torchjd.autojac import backward, jac_to_grad
 
 from torchjd_golden import (
     GABA,
+    AdaptiveGoldenPendulum,
     ConflictMonitor,
     DynamicK,
     ExcessMTL,
@@ -23,6 +25,7 @@ from torchjd_golden import (
 from torchjd_golden._recorder import DiagnosticsRecorder, hook_recorder
 
 from ._asserts import COPY_WAYS, copy_of
+from ._devices import host_synchronisation_is_an_error, requires_cuda
 from ._inputs import conflicting_jacobian
 
 JACOBIAN = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 0.5]], dtype=torch.float64)
@@ -320,25 +323,60 @@ def test_a_module_with_a_monitor_attached_copies_with_its_own_monitor(how: str) 
     assert (hook.recorder.step_count, monitor.step_count) == (1, 0)
 
 
-# Defined only where a GPU is present, rather than skipped everywhere else.
-if torch.cuda.is_available():
+@requires_cuda
+def test_no_synchronisation_on_cuda() -> None:
+    """Recording on CUDA never synchronises, and gives the CPU's statistics."""
 
-    def test_no_synchronisation_on_cuda() -> None:
-        """Recording on CUDA never synchronises, and gives the CPU's statistics."""
+    on_cpu, on_cuda = ConflictMonitor(tasks=list("abcd")), ConflictMonitor(tasks=list("abcd"))
+    gramians = [j @ j.T for j in (conflicting_jacobian(4, 8, seed=s) for s in range(55))]
+    weights = [torch.softmax(g.diagonal() * (k % 3), 0) for k, g in enumerate(gramians)]
+    for gramian, w in zip(gramians, weights, strict=True):
+        on_cpu.record(gramian, w)
+    inputs = [(g.cuda(), w.cuda()) for g, w in zip(gramians, weights, strict=True)]
+    with host_synchronisation_is_an_error():
+        for gramian, w in inputs:
+            on_cuda.record(gramian, w)
+    for name, values in on_cpu.history().items():
+        assert_close(on_cuda.history()[name].cpu(), values, rtol=1e-10, atol=1e-12)
+    assert on_cuda.report().resonance_score > 0.0
 
-        on_cpu, on_cuda = ConflictMonitor(tasks=list("abcd")), ConflictMonitor(tasks=list("abcd"))
-        gramians = [j @ j.T for j in (conflicting_jacobian(4, 8, seed=s) for s in range(55))]
-        weights = [torch.softmax(g.diagonal() * (k % 3), 0) for k, g in enumerate(gramians)]
-        for gramian, w in zip(gramians, weights, strict=True):
-            on_cpu.record(gramian, w)
-        inputs = [(g.cuda(), w.cuda()) for g, w in zip(gramians, weights, strict=True)]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for gramian, w in inputs:
-                on_cuda.record(gramian, w)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        for name, values in on_cpu.history().items():
-            assert_close(on_cuda.history()[name].cpu(), values, rtol=1e-10, atol=1e-12)
-        assert on_cuda.report().resonance_score > 0.0
+
+def _with_losses(aggregator: AdaptiveGoldenPendulum) -> Callable[[Tensor], Tensor]:
+    def step(jacobian: Tensor) -> Tensor:
+        aggregator.losses = jacobian.abs().sum(dim=1) + 1e-3  # the adaptive variant's extra input
+        return aggregator(jacobian)
+
+    return step
+
+
+# The aggregators whose QP solution an attached monitor records: each family, by hand.
+ATTACHED_ON_CUDA: dict[str, Callable[[], nn.Module]] = {
+    "GoldenPendulum": GoldenPendulum,
+    "AdaptiveGoldenPendulum": AdaptiveGoldenPendulum,
+    "DynamicK": lambda: DynamicK([TaskGroup("first", [0, 1]), TaskGroup("second", [2, 3])]),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ATTACHED_ON_CUDA)
+def test_attached_on_cuda_it_records_without_a_sync_what_it_records_on_the_cpu(name: str) -> None:
+    jacobians = [conflicting_jacobian(4, 30, seed=s, decades=2.0) for s in range(6)]
+    monitors = {}
+    for device in ("cpu", "cuda"):
+        aggregator = ATTACHED_ON_CUDA[name]().to(device)
+        step = (
+            _with_losses(aggregator)
+            if isinstance(aggregator, AdaptiveGoldenPendulum)
+            else aggregator
+        )
+        monitors[device] = ConflictMonitor(tasks=list("abcd"))
+        monitors[device].attach(aggregator)
+        inputs = [jacobian.to(device) for jacobian in jacobians]
+        step(inputs[0])  # the first call allocates the state
+        with host_synchronisation_is_an_error() if device == "cuda" else nullcontext():
+            for jacobian in inputs[1:]:
+                step(jacobian)
+    assert monitors["cuda"].step_count == monitors["cpu"].step_count == len(jacobians)
+    # The CPU runs the host kernels, CUDA the tensor kernels: they agree to about 1e-10.
+    for key, values in monitors["cpu"].history().items():
+        assert_close(monitors["cuda"].history()[key].cpu(), values, rtol=1e-9, atol=1e-9)

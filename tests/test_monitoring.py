@@ -20,6 +20,7 @@ from torchjd.autojac import backward, jac_to_grad
 from torchjd_golden import GCond, GoldenPendulum, WeightLogger, gramian_diagnostics
 
 from ._asserts import COPY_WAYS, copy_of
+from ._devices import host_synchronisation_is_an_error, requires_cuda
 from ._inputs import conflicting_jacobian
 
 
@@ -124,21 +125,18 @@ def test_a_non_finite_gramian_gives_a_non_finite_report() -> None:
     assert math.isnan(float(gramian_diagnostics(gramian).norm_ratio))
 
 
-# Defined only where a GPU is present, rather than skipped everywhere else.
-if torch.cuda.is_available():
-
-    def test_on_an_accelerator_a_non_gramian_gives_nan_without_a_sync() -> None:
-        not_a_gramian = torch.tensor([[1.0, -0.5], [0.5, 1.0]], device="cuda")
-        gramian = _JACOBIAN.cuda() @ _JACOBIAN.cuda().T
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            bad, good = gramian_diagnostics(not_a_gramian), gramian_diagnostics(gramian)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert bad.cosine.isnan().all()
-        assert math.isnan(float(bad.conflict_ratio))
-        assert float(good.conflict_ratio) == pytest.approx(1.0)
+@requires_cuda
+def test_on_an_accelerator_a_non_gramian_gives_nan_without_a_sync() -> None:
+    not_a_gramian = torch.tensor([[1.0, -0.5], [0.5, 1.0]], device="cuda")
+    gramian = _JACOBIAN.cuda() @ _JACOBIAN.cuda().T
+    with host_synchronisation_is_an_error():
+        bad, good = gramian_diagnostics(not_a_gramian), gramian_diagnostics(gramian)
+    assert bad.cosine.isnan().all()
+    assert math.isnan(float(bad.conflict_ratio))
+    assert float(good.conflict_ratio) == pytest.approx(1.0)
+    on_cpu = gramian_diagnostics(_JACOBIAN @ _JACOBIAN.T)
+    assert_close(good.cosine.cpu(), on_cpu.cosine)
+    assert_close(good.norms.cpu(), on_cpu.norms)
 
 
 def _train(aggregator: nn.Module, steps: int, jacobian: torch.Tensor | None = None) -> None:

@@ -1,4 +1,8 @@
-"""The state rules every stateful aggregator and weighting follows."""
+"""
+The state rules every stateful aggregator and weighting follows. Resuming and skipping a
+non-finite step are checked on both solver paths (the ``solver_path`` fixture): the host kernels
+of CPU tensors in eager mode, and the tensor kernels of accelerators and ``torch.compile``.
+"""
 
 from __future__ import annotations
 
@@ -31,13 +35,17 @@ def test_is_stateful(case: Method) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("split", [0, 1, 3])
-def test_checkpoint_resumes_bit_identically_in_a_fresh_instance(case: Method, split: int) -> None:
+def test_checkpoint_resumes_bit_identically_in_a_fresh_instance(
+    case: Method, split: int, solver_path: str
+) -> None:
     assert_resumes_bit_identically(case, _inputs(case), split)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("poisoned_index", [0, 4])
-def test_non_finite_step_leaves_the_state_untouched(case: Method, poisoned_index: int) -> None:
+def test_non_finite_step_leaves_the_state_untouched(
+    case: Method, poisoned_index: int, solver_path: str
+) -> None:
     assert_nonfinite_step_is_skipped(case, _inputs(case), poisoned_index)
 
 
@@ -59,7 +67,7 @@ def _poisoned(matrix: Tensor, kind: int) -> Tensor:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_scattered_overflow_steps_leave_the_run_unchanged(case: Method) -> None:
+def test_scattered_overflow_steps_leave_the_run_unchanged(case: Method, solver_path: str) -> None:
     """
     A run with inf/NaN steps before the first clean step, in a row, and at the end gives the
     outputs and the final state of the run without them, bit for bit. The extra inputs of the
