@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._methods import Method
 
@@ -19,6 +21,37 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     scale = expected.abs().max().item() if expected.numel() else 0.0
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     return error / scale if scale > 0.0 else error
+
+
+class MatrixProducts(TorchDispatchMode):
+    """
+    Records the matrix products run under it, the operations a BLAS computes and rounds as the
+    CPU's kernel sums: each one's name and its inputs' shapes, strides and alignment (address
+    modulo 64 bytes, which some kernels' summation order depends on). Two runs that make the same
+    calls on equal inputs get equal bits on any CPU; two that compute the same thing with other
+    calls (a ``bmm`` for an ``mm``) may not, even where this CPU's kernels happen to agree.
+    """
+
+    _NAMES = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = func.overloadpacket.__name__
+        if name in self._NAMES:
+            inputs = [a for a in args if isinstance(a, Tensor)]
+            self.calls.append(
+                (name, *[(tuple(a.shape), a.stride(), a.data_ptr() % 64) for a in inputs])
+            )
+        return func(*args, **(kwargs or {}))
 
 
 def assert_expected_structure(aggregator: nn.Module, matrix: Tensor) -> None:

@@ -380,9 +380,14 @@ class Curriculum:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """
-        Resumes at the saved position: the next :meth:`backward` enters the phase again
-        (freezing, :math:`\\lambda`, learning rate and ``on_enter``, which may set up what a new
-        process lacks).
+        Resumes at the saved position and enters the phase again (freezing, :math:`\\lambda`,
+        learning rate and ``on_enter``, which may set up what a new process lacks): at once when
+        the curriculum has its model, else in the next :meth:`backward`.
+
+        Entering at once makes the first forward pass after resuming run with the phase's frozen
+        backbone, as the uninterrupted run's did (it entered the phase in the :meth:`step` before
+        it). A forward pass through a backbone frozen only afterwards gives the same gradients
+        through another graph, which some CPUs' BLAS kernels round differently.
         """
 
         self._phase_index = int(state["phase_index"])
@@ -391,6 +396,8 @@ class Curriculum:
         self._entered = False
         if "aggregator" in state and isinstance(self.aggregator, nn.Module):
             self.aggregator.load_state_dict(state["aggregator"])
+        if self.model is not None and not self.is_complete:
+            self.enter_phase()
 
     def __repr__(self) -> str:
         names = [phase.name for phase in self.phases]
