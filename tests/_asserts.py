@@ -100,11 +100,17 @@ def assert_same_state(left: dict[str, Tensor], right: dict[str, Tensor]) -> None
 def assert_resumes_bit_identically(case: Method, inputs: Sequence[Tensor], split: int) -> None:
     """
     A checkpoint taken after ``split`` steps, saved and loaded with ``weights_only=True`` into a
-    fresh instance, continues exactly as the uninterrupted run.
+    fresh instance, continues exactly as the uninterrupted run, with the same matrix products
+    (:class:`MatrixProducts`), so that it does on any CPU.
     """
 
     uninterrupted = case.make()
-    expected = [case.step(uninterrupted, x) for x in inputs]
+    expected = []
+    products = []
+    for x in inputs:
+        with MatrixProducts() as recorder:
+            expected.append(case.step(uninterrupted, x))
+        products.append(recorder.calls)
 
     first = case.make()
     for x in inputs[:split]:
@@ -114,8 +120,10 @@ def assert_resumes_bit_identically(case: Method, inputs: Sequence[Tensor], split
     buffer.seek(0)
     resumed = case.make()
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    for x, output in zip(inputs[split:], expected[split:], strict=True):
-        assert torch.equal(case.step(resumed, x), output)
+    for x, output, calls in zip(inputs[split:], expected[split:], products[split:], strict=True):
+        with MatrixProducts() as recorder:
+            assert torch.equal(case.step(resumed, x), output)
+        assert recorder.calls == calls
     assert_same_state(state_tensors(resumed), state_tensors(uninterrupted))
 
 
