@@ -9,7 +9,7 @@ and :math:`\alpha` ends up about :math:`\lambda \eta_t` away. Two tasks with dis
 are such a case: their normalised Gramian is the identity, and its diagonal, 0.9999999999999997
 instead of 1.0, moves a weight from 0.38443 to 0.38184. There no implementation agrees with the
 reference to float precision, not even the reference on another CPU, which differs from itself
-by up to about 1 %.
+by up to about 2 %.
 
 What still holds there: the reference's result is one of a few *branches*, the outcomes of its
 QP when each sign read within rounding of zero takes each of its values (-1, 0 or 1), every other

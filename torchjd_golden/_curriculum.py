@@ -96,9 +96,9 @@ class Curriculum:
     ``jac_to_grad`` with one aggregator for every phase.
 
     Entering a phase (on the first :meth:`backward`, then in the :meth:`step` that ends the
-    previous one) sets ``requires_grad`` of the backbone's parameters to ``not
-    freeze_backbone``, sets the aggregator's ``lam`` and ``pcgrad`` to the phase's where it has
-    those properties (:class:`~torchjd_golden.GoldenPendulum`,
+    previous one, and in :meth:`load_state_dict`) sets ``requires_grad`` of the backbone's
+    parameters to ``not freeze_backbone``, sets the aggregator's ``lam`` and ``pcgrad`` to the
+    phase's where it has those properties (:class:`~torchjd_golden.GoldenPendulum`,
     :class:`~torchjd_golden.DynamicK`; an adaptive :math:`\lambda` is left to adapt), sets the
     optimizer's learning rate, and calls ``on_enter(model, phase)``. Each :meth:`backward` tells
     the aggregator the names of the phase's tasks present in the batch (``aggregator.tasks``,
