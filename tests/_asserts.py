@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._methods import Method
 
@@ -25,6 +26,37 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     scale = expected.abs().max().item() if expected.numel() else 0.0
     error = (actual - expected).abs().max().item() if expected.numel() else 0.0
     return error / scale if scale > 0.0 else error
+
+
+class MatrixProducts(TorchDispatchMode):
+    """
+    Records the matrix products run under it, the operations a BLAS computes and rounds as the
+    CPU's kernel sums: each one's name and its inputs' shapes, strides and alignment (address
+    modulo 64 bytes, which some kernels' summation order depends on). Two runs that make the same
+    calls on equal inputs get equal bits on any CPU; two that compute the same thing with other
+    calls (a ``bmm`` for an ``mm``) may not, even where this CPU's kernels happen to agree.
+    """
+
+    _NAMES = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = func.overloadpacket.__name__
+        if name in self._NAMES:
+            inputs = [a for a in args if isinstance(a, Tensor)]
+            self.calls.append(
+                (name, *[(tuple(a.shape), a.stride(), a.data_ptr() % 64) for a in inputs])
+            )
+        return func(*args, **(kwargs or {}))
 
 
 def assert_expected_structure(aggregator: nn.Module, matrix: Tensor) -> None:
@@ -73,11 +105,17 @@ def assert_same_state(left: dict[str, Tensor], right: dict[str, Tensor]) -> None
 def assert_resumes_bit_identically(case: Method, inputs: Sequence[Tensor], split: int) -> None:
     """
     A checkpoint taken after ``split`` steps, saved and loaded with ``weights_only=True`` into a
-    fresh instance, continues exactly as the uninterrupted run.
+    fresh instance, continues exactly as the uninterrupted run, with the same matrix products
+    (:class:`MatrixProducts`), so that it does on any CPU.
     """
 
     uninterrupted = case.make()
-    expected = [case.step(uninterrupted, x) for x in inputs]
+    expected = []
+    products = []
+    for x in inputs:
+        with MatrixProducts() as recorder:
+            expected.append(case.step(uninterrupted, x))
+        products.append(recorder.calls)
 
     first = case.make()
     for x in inputs[:split]:
@@ -87,8 +125,10 @@ def assert_resumes_bit_identically(case: Method, inputs: Sequence[Tensor], split
     buffer.seek(0)
     resumed = case.make()
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    for x, output in zip(inputs[split:], expected[split:], strict=True):
-        assert torch.equal(case.step(resumed, x), output)
+    for x, output, calls in zip(inputs[split:], expected[split:], products[split:], strict=True):
+        with MatrixProducts() as recorder:
+            assert torch.equal(case.step(resumed, x), output)
+        assert recorder.calls == calls
     assert_same_state(state_tensors(resumed), state_tensors(uninterrupted))
 
 

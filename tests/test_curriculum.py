@@ -22,7 +22,14 @@ from torchjd_golden import (
     get_preset,
 )
 
-from ._asserts import relative_error
+from ._asserts import MatrixProducts, relative_error
+from ._knife_edge import (
+    golden_qp_branches,
+    golden_reference_step,
+    reference_step_size,
+    task_jacobian,
+    tight_tolerance,
+)
 
 TASKS = ("a", "b", "c", "d")
 
@@ -128,11 +135,24 @@ def test_a_run_sets_lr_freezing_lambda_tasks_and_calls_back() -> None:
 
 
 def test_gradients_are_torchjd_with_the_phase_settings() -> None:
-    """backward: the phase's losses through backward and jac_to_grad; golden_nash_backward's."""
+    """
+    backward: the phase's losses through backward and jac_to_grad give golden_nash_backward's
+    gradients, step by step from the same parameters (neither model takes a step, so no step's
+    result moves the next one's inputs).
 
-    model = Net()
+    In phase "heads" the frozen backbone leaves two heads that share no parameter: their
+    normalised Gramian is the identity, each alpha_k sits on its target up to rounding, and the
+    reference's QP follows the sign of that rounding (tests/_knife_edge.py), so that the reference
+    itself gives gradients up to ~1 % apart on two CPUs. Those steps are found as such (and only
+    they), and there the gradients must equal one of the reference's branches, one of the results
+    it gives when each sign read within rounding takes each value; elsewhere they must equal the
+    reference's. Both to 16 m units of float64 rounding.
+    """
+
+    model = Net(neck=False)  # the frozen backbone leaves the heads disjoint: knife edges
     reference_model = copy.deepcopy(model)
     curriculum = Curriculum(phases(), model=model, backbone=model.backbone)
+    knife_edges = []
     for step, inputs in enumerate(batches(5)):
         phase = curriculum.current_phase
         curriculum.backward(model.losses(inputs))
@@ -140,14 +160,71 @@ def test_gradients_are_torchjd_with_the_phase_settings() -> None:
         losses = {name: loss for name, loss in all_losses.items() if name in phase.tasks}
         if step == 3:  # entering phase "heads" froze the backbone: mirror it
             reference_model.backbone.requires_grad_(False)
+        trained = [p for p in reference_model.parameters() if p.requires_grad]
+        expected = golden_reference_step(
+            task_jacobian(losses, trained), lam=phase.lam, pcgrad=phase.pcgrad
+        )
         golden_nash_backward(losses, reference_model, lam=phase.lam, pcgrad=phase.pcgrad)
-        for mine, theirs in zip(model.parameters(), reference_model.parameters(), strict=True):
-            assert (mine.grad is None) == (theirs.grad is None)
-            if mine.grad is not None:
-                assert relative_error(mine.grad, theirs.grad) < 1e-10
+        tolerance = tight_tolerance(len(losses), torch.float64)
+        theirs = torch.cat([p.grad.flatten() for p in trained if p.grad is not None])
+        assert relative_error(theirs, expected.expected(theirs).gradient) <= tolerance
+
+        pairs = list(zip(model.parameters(), reference_model.parameters(), strict=True))
+        assert all((mine.grad is None) == (p.grad is None) for mine, p in pairs)
+        mine = [p.grad for p in model.parameters() if p.grad is not None]
+        branch = expected.expected(torch.cat([grad.flatten() for grad in mine])).gradient
+        for grad, part in zip(mine, branch.split([grad.numel() for grad in mine]), strict=True):
+            assert relative_error(grad, part.view_as(grad)) <= tolerance
+        if expected.on_knife_edge:
+            knife_edges.append(step)
         model.zero_grad()
         reference_model.zero_grad()
         curriculum.step()
+    assert knife_edges == [3, 4]
+
+
+def test_on_the_knife_edge_a_wrong_qp_is_still_rejected() -> None:
+    """
+    At a step of phase "heads" (the identity Gramian above), the reference's branches are
+    hundreds of results within ~1 % of each other, yet a QP with a wrong step size, lambda, sign
+    or number of steps, which takes a branch of its own, lands on none of them: the comparison at
+    a knife edge can still fail.
+    """
+
+    model = Net(neck=False)
+    model.backbone.requires_grad_(False)
+    heads = [p for p in model.parameters() if p.requires_grad]
+    losses = {k: v for k, v in model.losses(batches(1)[0]).items() if k in ("c", "d")}
+    jacobian = task_jacobian(losses, heads)
+    expected = golden_reference_step(jacobian, lam=0.2, pcgrad=False)
+    assert expected.on_knife_edge
+    assert len(expected.branches) > 100
+    tolerance = tight_tolerance(2, torch.float64)
+    # The reference's own results on inputs a few units in the last place apart are branches.
+    assert expected.nudged
+    for outcome in expected.nudged:
+        assert relative_error(outcome.gradient, expected.expected(outcome.gradient).gradient) <= (
+            tolerance
+        )
+
+    def off_the_branches(gradient: Tensor) -> float:
+        return relative_error(gradient, expected.expected(gradient).gradient) / tolerance
+
+    assert off_the_branches(GoldenPendulum(lam=0.2, pcgrad=False)(jacobian)) <= 1.0
+    for wrong in (
+        GoldenPendulum(lam=0.25, pcgrad=False),
+        GoldenPendulum(lam=0.2, n_iter=24, pcgrad=False),
+    ):
+        assert off_the_branches(wrong(jacobian)) > 1e3
+    rows = jacobian / jacobian.norm(dim=1, keepdim=True)
+    for lam, step_size in [
+        (0.2, lambda t: 0.05 / (1.0 + t)),  # a wrong schedule
+        (0.2, lambda t: 0.05 / (1.0 + 0.11 * t)),  # a slightly wrong one
+        (-0.2, reference_step_size),  # the pull the wrong way
+        (0.21, reference_step_size),  # a lambda 5 % off
+    ]:
+        (alpha,), _ = golden_qp_branches(rows @ rows.T, lam, step_size=step_size)
+        assert off_the_branches(alpha @ rows) > 1e3, (lam, step_size)
 
 
 def test_with_features_it_is_mtl_backward() -> None:
@@ -278,8 +355,14 @@ def test_a_checkpoint_of_other_phases_is_refused(other: list[Phase]) -> None:
 
 
 def test_a_run_resumed_from_a_checkpoint_continues_identically() -> None:
-    """Position, freezing, learning rate and the aggregator's state (groups found by gradient
-    similarity, named) come back, mid-phase."""
+    """
+    Position, freezing, learning rate and the aggregator's state (groups found by gradient
+    similarity, named) come back, mid-phase, and the resumed run's steps make the same matrix
+    products as the uninterrupted run's (same kernels, shapes, strides and alignment), so that
+    its gradients are the same bits on any CPU, not only on one whose kernels happen to round two
+    ways of computing them alike. (Loading enters the phase at once: a first forward pass through
+    a backbone frozen only in backward would compute the heads' gradients by other products.)
+    """
 
     def run(stop: int | None) -> list[Any]:
         model = Net()
@@ -306,14 +389,15 @@ def test_a_run_resumed_from_a_checkpoint_continues_identically() -> None:
                 curriculum = make()
                 curriculum.load_state_dict(saved["curriculum"])
                 optimizer.load_state_dict(saved["optimizer"])
-            weights = curriculum.backward(model.losses(inputs))
+            with MatrixProducts() as products:
+                weights = curriculum.backward(model.losses(inputs))
             records.append(
                 (
                     optimizer.param_groups[0]["lr"],
                     [p.requires_grad for p in model.parameters()],
                     {k: float(w) for k, w in weights.items()},
                     [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-                    curriculum.aggregator.groups,
+                    (curriculum.aggregator.groups, products.calls),
                 )
             )
             optimizer.step()

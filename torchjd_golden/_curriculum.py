@@ -96,9 +96,9 @@ class Curriculum:
     ``jac_to_grad`` with one aggregator for every phase.
 
     Entering a phase (on the first :meth:`backward`, then in the :meth:`step` that ends the
-    previous one) sets ``requires_grad`` of the backbone's parameters to ``not
-    freeze_backbone``, sets the aggregator's ``lam`` and ``pcgrad`` to the phase's where it has
-    those properties (:class:`~torchjd_golden.GoldenPendulum`,
+    previous one, and in :meth:`load_state_dict`) sets ``requires_grad`` of the backbone's
+    parameters to ``not freeze_backbone``, sets the aggregator's ``lam`` and ``pcgrad`` to the
+    phase's where it has those properties (:class:`~torchjd_golden.GoldenPendulum`,
     :class:`~torchjd_golden.DynamicK`; an adaptive :math:`\lambda` is left to adapt), sets the
     optimizer's learning rate, and calls ``on_enter(model, phase)``. Each :meth:`backward` tells
     the aggregator the names of the phase's tasks present in the batch (``aggregator.tasks``,
@@ -424,9 +424,14 @@ class Curriculum:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """
-        Resumes at the saved position: the next :meth:`backward` enters the phase again
-        (freezing, :math:`\\lambda`, learning rate and ``on_enter``, which may set up what a new
-        process lacks).
+        Resumes at the saved position and enters the phase again (freezing, :math:`\\lambda`,
+        learning rate and ``on_enter``, which may set up what a new process lacks): at once when
+        the curriculum has its model, else in the next :meth:`backward`.
+
+        Entering at once makes the first forward pass after resuming run with the phase's frozen
+        backbone, as the uninterrupted run's did (it entered the phase in the :meth:`step` before
+        it). A forward pass through a backbone frozen only afterwards gives the same gradients
+        through another graph, which some CPUs' BLAS kernels round differently.
 
         :raises ValueError: If the checkpoint is of a curriculum with other phases (names or
             numbers of steps), whose position would mean another point of training here.
@@ -442,6 +447,8 @@ class Curriculum:
         self.resume_at(state["phase_index"], state["phase_step"], state["global_step"])
         if "aggregator" in state and isinstance(self.aggregator, nn.Module):
             self.aggregator.load_state_dict(state["aggregator"])
+        if self.model is not None and not self.is_complete:
+            self.enter_phase()
 
     def resume_at(self, phase_index: int, phase_step: int, global_step: int) -> None:
         """
