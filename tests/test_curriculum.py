@@ -449,6 +449,19 @@ def test_bad_input_is_named() -> None:
         curriculum.backward({k: torch.tensor(1.0, requires_grad=True) for k in ("a", "b", "c")})
 
 
+def test_a_backward_refused_for_want_of_a_model_does_not_enter_the_phase() -> None:
+    """The phase is entered by the first backward that has the model, so its backbone freezes."""
+
+    model = Net()
+    curriculum = Curriculum(phases()[1:], backbone=lambda m: m.backbone.parameters())
+    losses = model.losses(batches(1)[0])
+    with pytest.raises(ValueError, match="model"):
+        curriculum.backward({k: v for k, v in losses.items() if k in ("c", "d")})
+    curriculum.model = model
+    curriculum.backward({k: v for k, v in model.losses(batches(1)[0]).items() if k in ("c", "d")})
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
 def test_a_stateful_aggregator_keeps_its_state_across_phases() -> None:
     """With task names, lambda carries over from a phase of 3 tasks to one of 2: no reset."""
 

@@ -330,6 +330,10 @@ class Curriculum:
                 "Parameter `losses` must be a mapping from task name to loss, as the phases name "
                 f"their tasks (`dict(zip(names, losses))`). Found {type(losses).__name__}."
             )
+        if self.model is None:  # before entering the phase, which freezes the model's backbone
+            raise ValueError(
+                "`Curriculum.backward` needs the model: pass `model=` or set `.model`."
+            )
         self.enter_phase()
         phase = self.current_phase
         self._check_task_names(phase, losses)
@@ -342,10 +346,6 @@ class Curriculum:
                 sorted(map(str, losses)),
             )
             return {}
-        if self.model is None:
-            raise ValueError(
-                "`Curriculum.backward` needs the model: pass `model=` or set `.model`."
-            )
         names = tuple(active)
         stacked = torch.stack(list(active.values()))
         aggregator = self.aggregator
