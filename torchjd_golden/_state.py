@@ -157,14 +157,25 @@ class LazyState(nn.Module, Stateful):
         with torch.inference_mode(False):
             for name, value in self._initial_state(sizes, like).items():
                 setattr(self, name, value)
-        self._set_known_tasks(None if names is None else list(names), like.device)
+        self._set_known_tasks(None if names is None else list(names))
 
-    def _set_known_tasks(self, names: list[Hashable] | None, device: torch.device) -> None:
+    def _set_known_tasks(self, names: list[Hashable] | None) -> None:
+        # Python state only: the checkpoint's encoding of the names is made when it is saved, so
+        # that a call that names new tasks still traces under torch.compile(fullgraph=True).
         self._known_tasks = names
-        if self._named:
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        if self._named:  # beside the state, on its device
+            names, state = self._known_tasks, self._buffers[self._state_names[0]]
             encoded = b"" if names is None else json.dumps(names).encode()
+            assert state is not None
             with torch.inference_mode(False):
-                self.task_names = torch.tensor(list(encoded), dtype=torch.uint8, device=device)
+                self.task_names = torch.tensor(
+                    list(encoded), dtype=torch.uint8, device=state.device
+                )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _rows_of(
         self, names: tuple[Hashable, ...] | None, sizes: tuple[int, ...], like: Tensor
@@ -175,7 +186,7 @@ class LazyState(nn.Module, Stateful):
             return None  # the rows are the known tasks, in order
         known = self._known_tasks
         if known is None:  # state built without names: these name its rows, in order
-            self._set_known_tasks(list(names), like.device)
+            self._set_known_tasks(list(names))
             return None
         if len(names) == len(known) and all(a == b for a, b in zip(names, known, strict=True)):
             return None
@@ -185,7 +196,7 @@ class LazyState(nn.Module, Stateful):
             self._add_task_rows(len(new), sizes, like)
             index.update({name: len(known) + k for k, name in enumerate(new)})
             known = [*known, *new]
-            self._set_known_tasks(known, like.device)
+            self._set_known_tasks(known)
         rows = [index[name] for name in names]
         if rows == list(range(len(known))):
             return None
@@ -236,8 +247,13 @@ class LazyState(nn.Module, Stateful):
                 current = buffer.index_select(0, rows)
                 buffer.index_copy_(0, rows, torch.where(finite, value.to(buffer.dtype), current))
             else:
-                # In place (one pass, and the buffer keeps its address for CUDA graphs).
-                torch.where(finite, value.to(buffer.dtype), buffer, out=buffer)
+                # In place (one pass, and the buffer keeps its address for CUDA graphs). A 0-dim
+                # buffer is written through a 1-element view: inductor (torch 2.13, CPU) drops an
+                # in-place write into a 0-dim float64 buffer.
+                new, target = value.to(buffer.dtype), buffer
+                if buffer.ndim == 0:
+                    new, target = new.reshape(1), buffer.view(1)
+                torch.where(finite, new, target, out=target)
 
     def reset(self) -> None:
         """Forgets all state: the next call behaves as the first call of a new instance."""
@@ -246,7 +262,7 @@ class LazyState(nn.Module, Stateful):
             buffer = self._buffers[name]
             assert buffer is not None
             self._buffers[name] = buffer.new_empty(0)
-        self._set_known_tasks(None, self._buffers[self._state_names[0]].device)  # type: ignore[union-attr]
+        self._set_known_tasks(None)
 
     def _load_from_state_dict(
         self,
