@@ -137,7 +137,8 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
     defaults of ``torchjd.aggregation.ExcessMTLWeighting`` 0.18.0.
 
     It needs per-coordinate squared gradients, so it is a weighting of the Jacobian
-    :math:`J`, not of its Gramian. At each call :math:`t`:
+    :math:`J`, not of its Gramian: a ``GramianWeightedAggregator`` of it raises a ``TypeError``
+    (a square input, which a Gramian would be, is taken as a Jacobian). At each call :math:`t`:
 
     .. math::
 

@@ -46,7 +46,9 @@ class GCondWeighting(
     resolved gradient of the official implementation (its ``_project``).
 
     The rows of :math:`J` are the tasks' gradients, accumulated over several micro-batches by
-    torchjd (see :class:`GCond`). Each call:
+    torchjd (see :class:`GCond`); the stability needs the previous step's resolved rows, so it is
+    a weighting of the Jacobian, not of its Gramian: a ``GramianWeightedAggregator`` of it raises
+    a ``TypeError`` (a square input, which a Gramian would be, is taken as a Jacobian). Each call:
 
     1. updates the norm averages :math:`e_k \leftarrow \max(\beta e_k + (1 - \beta)\|J_k\|,
        \epsilon)` and scales the rows longer than ``norm_cap`` down to it;
