@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
 from ._golden_pendulum import golden_ratio_weights
 from ._monitoring import conflict_statistics, hook_alpha, hook_gramian
@@ -106,7 +106,9 @@ class ConflictMonitor(NamedTasks):
     the aggregator computed and the weights of that call (the QP solution ``alpha`` for the
     Golden Pendulum family and :class:`~torchjd_golden.DynamicK`, the returned weights
     otherwise). For an aggregator of the Jacobian itself (ExcessMTL, GCond, torchjd's
-    ``WeightedAggregator``) the Gramian is computed from the Jacobian, at :math:`O(m^2 n)`. Or
+    ``WeightedAggregator``) the Gramian is computed from the Jacobian, at :math:`O(m^2 n)`; an
+    aggregator without weights (:class:`~torchjd_golden.GCond`, whose update carries momentum)
+    records its Gramian only. Or
     call :meth:`record` with a Gramian (and weights), and :meth:`record_weights` for weights
     alone, as the reference's ``analyze`` and ``record_weights``. Attached to
     :class:`~torchjd_golden.DynamicK`, the monitor sees the Gramian blocks it computes (cosines
@@ -198,10 +200,20 @@ class ConflictMonitor(NamedTasks):
             return self._hook(aggregator, gramian_input=True)
         if isinstance(aggregator, WeightedAggregator):
             return self._hook(aggregator.weighting, gramian_input=False)
+        if isinstance(aggregator, Aggregator):  # no weights (GCond's momentum): the Gramian only
+            return self._hook_input(aggregator)
         raise ValueError(
-            "`ConflictMonitor.attach` takes a torchjd WeightedAggregator or a Gramian weighting. "
+            "`ConflictMonitor.attach` takes a torchjd Aggregator or a Gramian weighting. "
             f"Found {type(aggregator).__name__}; call `record` with the Gramian instead."
         )
+
+    def _hook_input(self, aggregator: Aggregator) -> RemovableHandle:
+        def record_call(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            tasks = getattr(module, "tasks", None) if self._tasks is None else None
+            self.record(hook_gramian(inputs, gramian_input=False), tasks=tasks)
+
+        hook: Callable[..., None] = record_call
+        return aggregator.register_forward_pre_hook(hook)
 
     def _hook(self, weighting: nn.Module, *, gramian_input: bool) -> RemovableHandle:
         def record_call(module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor) -> None:

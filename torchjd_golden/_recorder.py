@@ -36,20 +36,21 @@ def attach_recorder(
     With ``diagnostics=True``, attaches a :class:`~torchjd_golden.ConflictMonitor` (the
     diagnostics engine, which reads the task names from the aggregator) and returns it. With a
     recorder, registers a forward hook on the weighting of ``aggregator`` that calls
-    ``recorder.record(gramian, weights, tasks())`` at each aggregation, and returns it. With
-    ``False``, returns ``None``.
+    ``recorder.record(gramian, weights, tasks())`` at each aggregation, and returns it (an
+    aggregator without weights, such as :class:`~torchjd_golden.GCond`, raises a ``TypeError``:
+    the monitor records its Gramian alone). With ``False``, returns ``None``.
 
     A Gramian weighting's input is the Gramian already; a weighting of the Jacobian (ExcessMTL,
-    GCond, ...) gets it computed from its input, an extra :math:`O(m^2 n)` product per step.
+    GCond's, ...) gets it computed from its input, an extra :math:`O(m^2 n)` product per step.
     """
 
     if diagnostics is False:
         return None
-    weighting = weighting_of(aggregator)  # names an aggregator without weights
     if diagnostics is True:
         monitor = ConflictMonitor()
         monitor.attach(aggregator)
         return monitor
+    weighting = weighting_of(aggregator)  # names an aggregator without weights
     recorder = diagnostics
     if not isinstance(recorder, DiagnosticsRecorder):
         raise TypeError(

@@ -34,8 +34,9 @@ Train one small multi-task model per method, workload and seed, and the single-t
 then report for each method the test metric of every task (R2 for regressions, accuracy for
 classifications) and Delta_m% against the single-task baselines, as mean +- std over seeds; the
 balance w_min/w_max of its task weights and its largest weight over the second half of training
-(Golden Pendulum's weights are its QP solution, as its paper reports them; other methods' are
-the weights jac_to_grad returns, normalised to unit total); and the milliseconds per training
+(Golden Pendulum's weights are its QP solution, as its paper reports them; GCond's, those of
+its resolved gradient before the momentum; other methods', the weights jac_to_grad returns,
+normalised to unit total); and the milliseconds per training
 step. Each method runs with the settings of its paper or reference, listed under the tables.
 Writes results.md, results.csv, runs.csv (one row per seed), a figure per workload and
 summary.png into the output folder, and prints the tables.

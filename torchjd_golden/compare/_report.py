@@ -236,9 +236,10 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "same seed (the same network with one head, trained on its task alone), as LibMTL's "
         "count_improvement; every metric here is higher-is-better. Balance and largest weight "
         "are averaged over the second half of training; Golden Pendulum's weights are its QP "
-        "solution (as its paper reports them), the others' the weights `jac_to_grad` returns, "
-        f"normalised to unit total. ms / step: one thread per run, {jobs} run(s) at a time; "
-        "for the baselines, one step of each of their networks.",
+        "solution (as its paper reports them), GCond's the weights of its resolved gradient "
+        "before the momentum (`resolution_weights`), the others' the weights `jac_to_grad` "
+        f"returns, normalised to unit total. ms / step: one thread per run, {jobs} run(s) at a "
+        "time; for the baselines, one step of each of their networks.",
         "",
     ]
     configured: dict[str, list[tuple[str, Method]]] = {}  # label: (workload, method) pairs

@@ -198,11 +198,14 @@ def _task_weights(
 ) -> Tensor:
     """
     The method's task weights, normalised to unit total: Golden Pendulum's QP solution (the
-    weights its paper reports, on normalised gradients), else the weights ``jac_to_grad``
-    returned; uniform for an aggregator that has none.
+    weights its paper reports, on normalised gradients), GCond's resolution weights (of its
+    resolved gradient, before the momentum: it returns no weights), else the weights
+    ``jac_to_grad`` returned; uniform for an aggregator that has none.
     """
 
     alpha = getattr(aggregator, "alpha", None)
+    if not isinstance(alpha, Tensor) or alpha.numel() != m:
+        alpha = getattr(aggregator, "resolution_weights", None)
     weights = alpha if isinstance(alpha, Tensor) and alpha.numel() == m else returned
     if weights is None:
         return torch.full((m,), 1.0 / m, device=device)
