@@ -186,3 +186,30 @@ def copy_of(value: T, how: str) -> T:
         buffer.seek(0)
         copied = torch.load(buffer, weights_only=False)
     return copied  # type: ignore[no-any-return]
+
+
+def assert_equal_up_to_rounding(
+    actual: Tensor, expected: Tensor, *, m: int, name: str = ""
+) -> None:
+    """
+    ``actual`` is ``expected`` up to the rounding of sums of ``m`` terms in their dtype (another
+    kernel's order of operations): within :math:`16 m \\epsilon` relatively, and that times the
+    largest :math:`|expected|` absolutely. Integer tensors are equal.
+    """
+
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), name
+        return
+    tol = 16 * m * torch.finfo(expected.dtype).eps
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=name or None)
+
+
+def assert_same_state_up_to_rounding(left: nn.Module, right: nn.Module, *, m: int) -> None:
+    """The state dicts of ``left`` and ``right`` hold the same keys and values up to rounding."""
+
+    state = left.state_dict()
+    expected = right.state_dict()
+    assert state.keys() == expected.keys()
+    for name, value in expected.items():
+        assert_equal_up_to_rounding(state[name], value, m=m, name=name)

@@ -332,7 +332,7 @@ METHODS: list[Method] = [
         "GCond",
         tg.GCond,
         stateful=True,
-        weighted_sum=False,  # the momentum
+        weighted_sum=False,  # the momentum: an Aggregator without weights
         bad_values=_GCOND_BAD,
         good_values=_GCOND_GOOD,
         expected_repr=(
@@ -355,7 +355,7 @@ METHODS: list[Method] = [
         "GCond(momentum_beta=0.0)",
         tg.GCond,
         {"momentum_beta": 0.0},
-        stateful=True,
+        stateful=True,  # the update is resolution_weights^T J, but GCond still returns no weights
         expected_repr=(
             f"GCond({_GCOND_PARAMETERS.format(smooth=True, cap=None)}, momentum_beta=0.0, "
             "eps=1e-08)"

@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchjd.aggregation import TrimmedMean, UPGrad
 from torchjd.autojac import backward, jac_to_grad
 
-from torchjd_golden import GCond, GoldenPendulum, WeightLogger, gramian_diagnostics
+from torchjd_golden import ExcessMTL, GoldenPendulum, WeightLogger, gramian_diagnostics
 
 from ._asserts import COPY_WAYS, copy_of
 from ._devices import host_synchronisation_is_an_error, requires_cuda
@@ -160,10 +160,10 @@ def _records(path: Path) -> list[dict]:  # type: ignore[type-arg]
     ("make", "hooked"),
     [
         (GoldenPendulum, lambda a: a.gramian_weighting),
-        (GCond, lambda a: a.weighting),
+        (ExcessMTL, lambda a: a.weighting),  # a weighting of the Jacobian
         (UPGrad, lambda a: a.gramian_weighting),  # any torchjd weighting
     ],
-    ids=["GoldenPendulum", "GCond", "UPGrad"],
+    ids=["GoldenPendulum", "ExcessMTL", "UPGrad"],
 )
 def test_the_logger_writes_json_lines_of_any_weighting(make, hooked, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     aggregator = make()

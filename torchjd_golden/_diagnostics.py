@@ -105,7 +105,9 @@ class ConflictMonitor(NamedTasks):
     the aggregator computed and the weights of that call (the QP solution ``alpha`` for the
     Golden Pendulum family and :class:`~torchjd_golden.DynamicK`, the returned weights
     otherwise). For an aggregator of the Jacobian itself (ExcessMTL, GCond, torchjd's
-    ``WeightedAggregator``) the Gramian is computed from the Jacobian, at :math:`O(m^2 n)`. Or
+    ``WeightedAggregator``) the Gramian is computed from the Jacobian, at :math:`O(m^2 n)`; an
+    aggregator without weights (:class:`~torchjd_golden.GCond`, whose update carries momentum)
+    records its Gramian only. Or
     call :meth:`record` with a Gramian (and weights), and :meth:`record_weights` for weights
     alone, as the reference's ``analyze`` and ``record_weights``. Attached to
     :class:`~torchjd_golden.DynamicK`, the monitor sees the Gramian blocks it computes (cosines

@@ -16,6 +16,7 @@ from typing import Protocol, cast, runtime_checkable
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+from torchjd.aggregation import Aggregator, WeightedAggregator
 
 from ._monitoring import hook_alpha, hook_gramian, weighting_of
 from ._torchjd_compat import GramianWeightingBase
@@ -63,11 +64,15 @@ class RecordingHook:
         self.gramian_input = gramian_input
         self.task_source = task_source
 
-    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor) -> None:
-        alpha = hook_alpha(module, weights)
-        reported = weights if alpha is None else alpha
+    def __call__(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor | None = None
+    ) -> None:
+        reported = None
+        if weights is not None:  # a forward hook on a weighting (else a pre-hook: no weights)
+            alpha = hook_alpha(module, weights)
+            reported = (weights if alpha is None else alpha).detach()
         gramian = hook_gramian(inputs, self.gramian_input)
-        self.recorder.record(gramian, reported.detach(), tasks=self._tasks(module))
+        self.recorder.record(gramian, reported, tasks=self._tasks(module))
 
     def _tasks(self, module: nn.Module) -> Sequence[Hashable] | None:
         source = module if self.task_source is None else self.task_source
@@ -90,6 +95,11 @@ def hook_recorder(
     """
 
     checked = check_recorder(recorder, "recorder")
+    if isinstance(target, Aggregator) and not isinstance(target, WeightedAggregator):
+        # No weights (GCond's update, with its momentum, combines no rows): the Gramian of the
+        # Jacobian it aggregates, recorded before the call.
+        hook = RecordingHook(checked, gramian_input=False, task_source=task_source)
+        return target.register_forward_pre_hook(hook)
     weighting = target if isinstance(target, GramianWeightingBase) else weighting_of(target)
     hook = RecordingHook(
         checked,

@@ -195,14 +195,13 @@ class LazyState(nn.Module, Stateful):
     def _save_to_state_dict(
         self, destination: dict[str, Any], prefix: str, keep_vars: bool
     ) -> None:
-        # The names are encoded here rather than at each change: a call that meets new names
-        # then runs no JSON, which torch.compile cannot trace.
-        if self._named:
-            names = self._known_tasks
+        if self._named:  # beside the state, on its device
+            names, state = self._known_tasks, self._buffers[self._state_names[0]]
             encoded = b"" if names is None else json.dumps(names).encode()
+            assert state is not None
             with torch.inference_mode(False):
                 self.task_names = torch.tensor(
-                    list(encoded), dtype=torch.uint8, device=self.task_names.device
+                    list(encoded), dtype=torch.uint8, device=state.device
                 )
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
@@ -276,8 +275,13 @@ class LazyState(nn.Module, Stateful):
                 current = buffer.index_select(0, rows)
                 buffer.index_copy_(0, rows, torch.where(finite, value.to(buffer.dtype), current))
             else:
-                # In place (one pass, and the buffer keeps its address for CUDA graphs).
-                torch.where(finite, value.to(buffer.dtype), buffer, out=buffer)
+                # In place (one pass, and the buffer keeps its address for CUDA graphs). A 0-dim
+                # buffer is written through a 1-element view: inductor (torch 2.13, CPU) drops an
+                # in-place write into a 0-dim float64 buffer.
+                new, target = value.to(buffer.dtype), buffer
+                if buffer.ndim == 0:
+                    new, target = new.reshape(1), buffer.view(1)
+                torch.where(finite, new, target, out=target)
 
     def reset(self) -> None:
         """Forgets all state: the next call behaves as the first call of a new instance."""

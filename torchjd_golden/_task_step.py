@@ -130,6 +130,7 @@ class JacobianStep:
         self.aggregator = build_aggregator(aggregator)
         self.tasks: tuple[Hashable, ...] | None = None
         self.last_weights: Tensor | None = None
+        self.aggregated = False  # whether the last resolve aggregated (had a backward pass)
         self._features: Any = None
         self._loss_sum: Tensor | None = None
         self._scaled: tuple[GradScaler, Aggregator] | None = None
@@ -177,11 +178,13 @@ class JacobianStep:
         """
         Aggregates the ``.jac`` fields of ``parameters`` into their ``.grad`` fields (with the
         loss scale taken out when ``scaler`` is enabled) and returns the weights, or ``None`` for
-        an aggregator without weights or a step without a backward pass.
+        an aggregator without weights (such as GCond, whose update carries momentum) or a step
+        without a backward pass (then :attr:`aggregated` is false).
         """
 
         tensors = [p for p in parameters if getattr(p, "jac", None) is not None]
         loss_sum, self._loss_sum = self._loss_sum, None
+        self.aggregated = bool(tensors)
         if not tensors:
             return None
         # The sum of the scaled losses: the adaptive λ only reads their ratios.

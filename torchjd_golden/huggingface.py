@@ -45,8 +45,9 @@ class MultiTaskTrainer(Trainer):
     - The task weights, averaged over the steps since the last log, join the Trainer's logs
       (``log_history``, TensorBoard and the other ``report_to`` integrations) by task name:
       ``task_weights/weight/{task}``, ``task_weights/balance_ratio`` and, for Golden Pendulum,
-      ``task_weights/alpha/{task}``; with ``diagnostics``, the diagnostics engine's statistics
-      (``diagnostics/conflict_ratio``, ``norm_ratio``, ``balance_ratio``, ...).
+      ``task_weights/alpha/{task}`` (none for GCond, whose update has no weights); with
+      ``diagnostics``, the diagnostics engine's statistics (``diagnostics/conflict_ratio``,
+      ``norm_ratio``, ``balance_ratio``, ...).
 
     .. code-block:: python
 
@@ -127,7 +128,8 @@ class MultiTaskTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _resolve(self, model: nn.Module, scaler: torch.amp.GradScaler | None) -> None:
-        if self.jacobian_step.resolve(model.parameters(), scaler) is None:
+        self.jacobian_step.resolve(model.parameters(), scaler)
+        if not self.jacobian_step.aggregated:
             return
         scalars = {f"task_weights/{k}": v for k, v in self.jacobian_step.weight_scalars().items()}
         scalars_of = getattr(self.diagnostics, "scalars", None)

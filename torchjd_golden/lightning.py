@@ -43,8 +43,9 @@ class MultiTaskModule(LightningModule):
       bit-identically;
     - the weights of each step are logged by task name through ``self.log``
       (``task_weights/weight/{task}``, ``task_weights/balance_ratio``, and Golden Pendulum's
-      ``task_weights/alpha/{task}``), and with ``diagnostics`` the diagnostics engine's statistics
-      (``diagnostics/conflict_ratio``, ``norm_ratio``, ``balance_ratio``, ...).
+      ``task_weights/alpha/{task}``; none for GCond, whose update has no weights), and with
+      ``diagnostics`` the diagnostics engine's statistics (``diagnostics/conflict_ratio``,
+      ``norm_ratio``, ``balance_ratio``, ...).
 
     .. code-block:: python
 
@@ -124,9 +125,10 @@ class MultiTaskModule(LightningModule):
 
     def _resolve(self) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if self._jacobian_step.resolve(self.parameters(), scaler) is None:
+        self._jacobian_step.resolve(self.parameters(), scaler)
+        if not self._jacobian_step.aggregated:
             return
-        if self.log_weights:
+        if self.log_weights:  # none for an aggregator without weights (GCond)
             scalars = self._jacobian_step.weight_scalars()
             self.log_dict({f"task_weights/{k}": v for k, v in scalars.items()}, on_step=True)
         scalars_of = getattr(self.diagnostics, "scalars", None)

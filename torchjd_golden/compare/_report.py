@@ -341,6 +341,8 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "returns), normalised to unit total, and s_k = |w_k| ||g_k|| / sum_j |w_j| ||g_j|| is "
         "task k's share of the update; balances are min_k / max_k, and every one of these is "
         "averaged over the second half of training; — for a method that applies no weights. "
+        "GCond's update carries a momentum, so its weights are those of its resolved gradient "
+        "before it (`resolution_weights`). "
         f"ms / step: one thread per run, {jobs} run(s) at a time; for the baselines, one step "
         "of each of their networks.",
         "",

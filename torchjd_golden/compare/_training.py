@@ -146,9 +146,10 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
             optimizer.step()
             optimizer.zero_grad()
             loss_history.append(torch.stack(losses).detach())
+            applied = applied_weights(aggregator, returned)
             # Copies: a stateful method may update the tensors it returned in place.
-            if returned is not None:
-                weight_history.append(returned.detach().clone())
+            if applied is not None:
+                weight_history.append(applied.detach().clone())
             alpha = getattr(aggregator, "alpha", None)
             if isinstance(alpha, Tensor):  # Golden Pendulum's
                 alpha_history.append(alpha.detach().clone())
@@ -166,6 +167,19 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
         shares=None if weights is None else update_shares(weights, torch.stack(norm_history).cpu()),
         alphas=_stacked(alpha_history, job.steps),
     )
+
+
+def applied_weights(aggregator: nn.Module, returned: Tensor | None) -> Tensor | None:
+    """
+    The weights a method applied to the rows of the Jacobian: those ``jac_to_grad`` returned, or
+    for GCond, whose update carries a momentum (it returns none), the weights of its resolved
+    gradient before the momentum (``resolution_weights``); ``None`` for a method without.
+    """
+
+    if returned is not None:
+        return returned
+    resolution = getattr(aggregator, "resolution_weights", None)
+    return resolution if isinstance(resolution, Tensor) else None
 
 
 def update_shares(weights: Tensor, row_norms: Tensor) -> Tensor:
