@@ -53,7 +53,7 @@ class MultiTaskTrainer(Trainer):
 
         trainer = MultiTaskTrainer(
             model=model,  # forward(**batch) returns {"losses": {"sentiment": ..., "topic": ...}}
-            args=TrainingArguments("out", gradient_accumulation_steps=4, report_to="tensorboard"),
+            args=TrainingArguments("out", gradient_accumulation_steps=4, report_to="none"),
             train_dataset=dataset,
             aggregator="gcond",  # or an aggregator, or {"name": "upgrad"}
         )
