@@ -1,7 +1,7 @@
 """
 One training script, the method picked by a config file: change the `aggregator` line to swap.
 
-    python examples/config_swap.py examples/configs/golden_pendulum.yaml
+    python examples/config_swap.py  # examples/configs/golden_pendulum.yaml
     python examples/config_swap.py examples/configs/upgrad.yaml
 
 The config holds an ``aggregator`` entry (a name, or a mapping with ``name`` and keyword
@@ -20,6 +20,8 @@ from torch import nn
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from torchjd_golden import aggregator_from_config
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "golden_pendulum.yaml"
 
 
 def train(config: dict) -> tuple[str, float, float]:
@@ -49,7 +51,13 @@ def train(config: dict) -> tuple[str, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", type=Path, help="a YAML config file")
+    parser.add_argument(
+        "config",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        help="a YAML config file (default: examples/configs/golden_pendulum.yaml)",
+    )
     args = parser.parse_args()
     description, first, last = train(yaml.safe_load(args.config.read_text()))
     print(f"aggregator: {description}")

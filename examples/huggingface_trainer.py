@@ -89,7 +89,7 @@ def train(
         save_strategy="steps",
         save_steps=max(steps // 2, 1),
         logging_steps=max(steps // 2, 1),
-        report_to=["tensorboard"],
+        report_to="none",  # the weights are read from log_history; TensorBoard needs its extra
         use_cpu=True,
         seed=0,
         disable_tqdm=True,

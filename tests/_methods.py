@@ -50,6 +50,11 @@ class Method:
     bad_values: tuple[tuple[str, object], ...] = ()
     good_values: tuple[tuple[str, object], ...] = ()  # valid non-default values, for setters
     expected_repr: str = ""  # of make()
+    # Whether no call reads values on the host, so that every call traces with
+    # torch.compile(fullgraph=True) and none synchronises an accelerator. Not DynamicK's with
+    # auto_group: a regrouping call copies the cosines to the host (documented), and the host
+    # follows the regrouping schedule in Python.
+    sync_free_calls: bool = True
 
     def make(self, **overrides: Any) -> nn.Module:
         return self.factory(**{**self.settings, **overrides})
@@ -146,6 +151,38 @@ _GCOND_WEIGHTING_GOOD = (
 )
 _GCOND_GOOD = (*_GCOND_WEIGHTING_GOOD, ("momentum_beta", 0.5))
 
+_DYNAMIC_K_BAD = (
+    *_GOLDEN_PENDULUM_BAD,
+    ("groups", tg.TaskGroup("g", [0])),
+    ("groups", [tg.TaskGroup("g", [0]), tg.TaskGroup("g", [1])]),
+    ("groups", [tg.TaskGroup("g", [0, 1]), tg.TaskGroup("h", [1])]),  # a task in two groups
+    ("groups", [tg.TaskGroup("_ungrouped", [0])]),  # the catch-all group's name
+    ("auto_group", "yes"),
+    ("regroup_every", 0),
+    ("similarity_threshold", 1.5),
+    ("pcgrad_across_groups", None),
+)
+_DYNAMIC_K_GOOD = (
+    *_GOLDEN_PENDULUM_GOOD,
+    ("groups", (tg.TaskGroup("h", [1, 3], lam=0.2),)),
+    ("regroup_every", 7),
+    ("similarity_threshold", -0.5),
+    ("pcgrad_across_groups", True),
+)
+_DYNAMIC_K_GROUPS = [tg.TaskGroup("g", [0, 2])]
+
+
+def _dynamic_k_repr(
+    name: str, groups: str, *, auto: bool = False, every: int = 500, across: bool = False
+) -> str:
+    threshold = 0.0 if auto else 0.5
+    return (
+        f"{name}(groups={groups}, auto_group={auto}, regroup_every={every}, "
+        f"similarity_threshold={threshold}, lam=0.5, n_iter=25, min_weight_fraction=0.02, "
+        f"pcgrad=True, pcgrad_across_groups={across})"
+    )
+
+
 _GCOND_PARAMETERS = (
     "conflict_thresholds=(-0.8, -0.5, 0.0), use_smooth_logic={smooth}, remap_power=2.0, "
     "dominance_window=3, tie_breaking_weights=(0.8, 0.2), norm_ema_beta=0.95, norm_cap={cap}, "
@@ -212,6 +249,43 @@ METHODS: list[Method] = [
         ),
     ),
     Method(
+        "DynamicK",
+        tg.DynamicK,
+        {"groups": _DYNAMIC_K_GROUPS},
+        stateful=True,
+        invariances=frozenset({"row scaling", "scale-free"}),
+        bad_values=_DYNAMIC_K_BAD,
+        good_values=_DYNAMIC_K_GOOD,
+        expected_repr=_dynamic_k_repr("DynamicK", "[TaskGroup(name='g', tasks=(0, 2), lam=None)]"),
+    ),
+    Method(
+        "DynamicK(auto_group=True, regroup_every=3)",
+        tg.DynamicK,
+        {"auto_group": True, "regroup_every": 3, "similarity_threshold": 0.0},
+        stateful=True,
+        invariances=frozenset({"row scaling", "scale-free"}),
+        sync_free_calls=False,
+        expected_repr=_dynamic_k_repr("DynamicK", "[]", auto=True, every=3),
+    ),
+    Method(
+        "DynamicKWeighting(pcgrad_across_groups=True)",
+        tg.DynamicKWeighting,
+        {
+            "groups": [tg.TaskGroup("g", [1, 3]), tg.TaskGroup("h", [0])],
+            "pcgrad_across_groups": True,
+        },
+        takes="gramian",
+        stateful=True,
+        bad_values=_DYNAMIC_K_BAD,
+        good_values=_DYNAMIC_K_GOOD,
+        expected_repr=_dynamic_k_repr(
+            "DynamicKWeighting",
+            "[TaskGroup(name='g', tasks=(1, 3), lam=None), "
+            "TaskGroup(name='h', tasks=(0,), lam=None)]",
+            across=True,
+        ),
+    ),
+    Method(
         "GABA",
         tg.GABA,
         {"beta": 0.5, "warmup_steps": 1},
@@ -258,7 +332,7 @@ METHODS: list[Method] = [
         "GCond",
         tg.GCond,
         stateful=True,
-        weighted_sum=False,  # the momentum
+        weighted_sum=False,  # the momentum: an Aggregator without weights
         bad_values=_GCOND_BAD,
         good_values=_GCOND_GOOD,
         expected_repr=(
@@ -281,7 +355,7 @@ METHODS: list[Method] = [
         "GCond(momentum_beta=0.0)",
         tg.GCond,
         {"momentum_beta": 0.0},
-        stateful=True,
+        stateful=True,  # the update is resolution_weights^T J, but GCond still returns no weights
         expected_repr=(
             f"GCond({_GCOND_PARAMETERS.format(smooth=True, cap=None)}, momentum_beta=0.0, "
             "eps=1e-08)"

@@ -11,9 +11,12 @@ from torchjd.autogram import Engine
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from torchjd_golden import GABA, GoldenPendulum, weighting_from_config
+from torchjd_golden._aggregator_bases import GramianAggregator
+from torchjd_golden._gramian import compute_gramian
+from torchjd_golden._torchjd_compat import torchjd_compute_gramian
 
 from ._inputs import conflicting_jacobian
-from ._methods import AGGREGATORS, Method, weighting_of
+from ._methods import AGGREGATORS, WEIGHTINGS, Method, weighting_of
 
 WEIGHTED_SUMS = [method for method in AGGREGATORS if method.weighted_sum]
 
@@ -133,3 +136,43 @@ def test_every_gramian_weighting_with_the_engine(spec: object) -> None:
 
     for p, q in zip(engine_model.parameters(), autojac_model.parameters(), strict=True):
         assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+JACOBIAN_WEIGHTINGS = [method for method in WEIGHTINGS if method.takes == "jacobian"]
+
+
+@pytest.mark.parametrize("method", JACOBIAN_WEIGHTINGS, ids=str)
+def test_a_weighting_of_the_jacobian_refuses_the_gramian_paths(method: Method) -> None:
+    """
+    torchjd's and this package's Gramian aggregators compose their weighting with a Gramian
+    function: a weighting of the Jacobian refuses it (and with it
+    ``optimize_gramian_computation=True``), naming the aggregator to use instead.
+    """
+
+    weighting = method.make()
+    name = type(weighting).__name__
+    message = (
+        f"`{name}` weights the Jacobian itself .* Use `{name.removesuffix('Weighting')}\\(\\)`"
+    )
+    with pytest.raises(TypeError, match=message):
+        GramianWeightedAggregator(weighting)
+    with pytest.raises(TypeError, match=message):
+        GramianAggregator(weighting)
+    with pytest.raises(TypeError, match=message):
+        weighting << torchjd_compute_gramian
+    with pytest.raises(TypeError, match=message):
+        weighting << compute_gramian
+
+
+@pytest.mark.parametrize("method", JACOBIAN_WEIGHTINGS, ids=str)
+def test_a_weighting_of_the_jacobian_takes_a_square_input_as_a_jacobian(method: Method) -> None:
+    """
+    A direct call (the autogram Engine's Gramian, say) cannot be told from a square Jacobian,
+    which is legitimate: it is weighted as the Jacobian of m parameters, the same as with more
+    parameters that are all zero. Other compositions still work.
+    """
+
+    square = conflicting_jacobian(3, 3, seed=4, decades=1.0)
+    padded = torch.cat([square, torch.zeros(3, 5, dtype=square.dtype)], dim=1)
+    assert_close(method.make()(square), method.make()(padded))
+    assert_close((method.make() << torch.neg)(square), method.make()(-square))

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torchjd.autojac import backward, jac_to_grad
 
 from torchjd_golden import (
     GABA,
+    AdaptiveGoldenPendulum,
     ConflictMonitor,
     DynamicK,
     ExcessMTL,
@@ -20,7 +22,10 @@ from torchjd_golden import (
     golden_ratio_weights,
     gramian_diagnostics,
 )
+from torchjd_golden._recorder import DiagnosticsRecorder, hook_recorder
 
+from ._asserts import COPY_WAYS, copy_of
+from ._devices import host_synchronisation_is_an_error, requires_cuda
 from ._inputs import conflicting_jacobian
 
 JACOBIAN = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.0, 0.5]], dtype=torch.float64)
@@ -199,15 +204,20 @@ def test_attached_to_other_aggregators(make: type[nn.Module]) -> None:
 
 
 def test_task_names_come_from_the_aggregator() -> None:
+    """The aggregator's names of the call's rows, else the monitor's own, else the indices."""
+
     aggregator = DynamicK([TaskGroup("g", ["p", "q"])])
     aggregator.tasks = ["p", "q", "r"]
-    monitor = ConflictMonitor()
+    monitor = ConflictMonitor(tasks=["u", "v", "w"])
     monitor.attach(aggregator)
     _train(aggregator, monitor, steps=1)
     assert list(monitor.report().gradient_norms) == ["p", "q", "r"]
-    monitor.tasks = ["u", "v", "w"]
+    aggregator.tasks = None
     _train(aggregator, monitor, steps=1)
     assert list(monitor.report().gradient_norms) == ["u", "v", "w"]
+    monitor.tasks = None
+    _train(aggregator, monitor, steps=1)
+    assert list(monitor.report().gradient_norms) == [0, 1, 2]
 
 
 def test_weights_by_name_follow_the_names() -> None:
@@ -240,29 +250,133 @@ def test_bad_input_is_named() -> None:
         ConflictMonitor(window_size=0)
     with pytest.raises(ValueError, match="3 task names"):
         ConflictMonitor(tasks=["a", "b", "c"]).record(torch.eye(2))
-    with pytest.raises(ValueError, match="attach"):
+    with pytest.raises(TypeError, match="`Linear` does not combine the rows with a weighting"):
         ConflictMonitor().attach(nn.Linear(2, 2))
 
 
-# Defined only where a GPU is present, rather than skipped everywhere else.
-if torch.cuda.is_available():
+class Recorder:
+    """A user's recorder, with the protocol's `record`."""
 
-    def test_no_synchronisation_on_cuda() -> None:
-        """Recording on CUDA never synchronises, and gives the CPU's statistics."""
+    def __init__(self) -> None:
+        self.calls: list[tuple[Tensor, Tensor | None, object]] = []
 
-        on_cpu, on_cuda = ConflictMonitor(tasks=list("abcd")), ConflictMonitor(tasks=list("abcd"))
-        gramians = [j @ j.T for j in (conflicting_jacobian(4, 8, seed=s) for s in range(55))]
-        weights = [torch.softmax(g.diagonal() * (k % 3), 0) for k, g in enumerate(gramians)]
-        for gramian, w in zip(gramians, weights, strict=True):
-            on_cpu.record(gramian, w)
-        inputs = [(g.cuda(), w.cuda()) for g, w in zip(gramians, weights, strict=True)]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for gramian, w in inputs:
-                on_cuda.record(gramian, w)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        for name, values in on_cpu.history().items():
-            assert_close(on_cuda.history()[name].cpu(), values, rtol=1e-10, atol=1e-12)
-        assert on_cuda.report().resonance_score > 0.0
+    def record(
+        self, gramian: Tensor, weights: Tensor | None = None, *, tasks: object = None
+    ) -> None:
+        self.calls.append((gramian, weights, tasks))
+
+
+@pytest.mark.parametrize("make", [GoldenPendulum, GABA, ExcessMTL])
+def test_a_monitor_and_a_users_recorder_get_the_same_records(make: type[nn.Module]) -> None:
+    """One protocol, one hook: a recorder attached as the monitor is sees what it records."""
+
+    aggregator = make()
+    aggregator.tasks = ["p", "q", "r"]
+    monitor, recorder, by_hand = ConflictMonitor(), Recorder(), ConflictMonitor()
+    assert isinstance(monitor, DiagnosticsRecorder)
+    monitor.attach(aggregator)
+    hook_recorder(aggregator, recorder)
+    _train(aggregator, monitor, steps=2)
+
+    assert [tasks for _, _, tasks in recorder.calls] == [("p", "q", "r")] * 2
+    for gramian, weights, tasks in recorder.calls:
+        by_hand.record(gramian, weights, tasks=tasks)
+    assert monitor.report() == by_hand.report()
+    if make is GoldenPendulum:  # the QP solution, as golden-pendulum-mtl reports its weights
+        assert torch.equal(recorder.calls[-1][1], aggregator.alpha)
+
+
+class Holder(nn.Module):
+    """A model holding an aggregator, and the monitor attached to it as a plain attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aggregator = GoldenPendulum()
+        self.monitor = ConflictMonitor(tasks=["x", "y", "z"])
+        self.monitor.attach(self.aggregator)
+
+
+@pytest.mark.parametrize("how", COPY_WAYS)
+def test_a_module_with_a_monitor_attached_copies_with_its_own_monitor(how: str) -> None:
+    holder = Holder()
+    _train(holder.aggregator, holder.monitor, steps=2)
+    twin = copy_of(holder, how)
+    assert twin.monitor is not holder.monitor
+    assert twin.monitor.history().keys() == holder.monitor.history().keys()
+    for name, values in holder.monitor.history().items():
+        assert torch.equal(twin.monitor.history()[name], values)
+
+    jacobians = _train(twin.aggregator, twin.monitor, steps=1)
+    assert (twin.monitor.step_count, holder.monitor.step_count) == (3, 2)
+    expected = gramian_diagnostics(jacobians[-1].double() @ jacobians[-1].double().T)
+    report = twin.monitor.report()
+    assert report.conflict_ratio == pytest.approx(float(expected.conflict_ratio))
+    assert list(report.gradient_norms) == ["x", "y", "z"]
+    assert report.balance_ratio == pytest.approx(float(twin.aggregator.balance_ratio))
+
+    # An aggregator alone: its copy's hook records into a copy of the monitor.
+    aggregator, monitor = GoldenPendulum(), ConflictMonitor()
+    monitor.attach(aggregator)
+    copied = copy_of(aggregator, how)
+    _train(copied, monitor, steps=1)
+    (hook,) = copied.gramian_weighting._forward_hooks.values()
+    assert (hook.recorder.step_count, monitor.step_count) == (1, 0)
+
+
+@requires_cuda
+def test_no_synchronisation_on_cuda() -> None:
+    """Recording on CUDA never synchronises, and gives the CPU's statistics."""
+
+    on_cpu, on_cuda = ConflictMonitor(tasks=list("abcd")), ConflictMonitor(tasks=list("abcd"))
+    gramians = [j @ j.T for j in (conflicting_jacobian(4, 8, seed=s) for s in range(55))]
+    weights = [torch.softmax(g.diagonal() * (k % 3), 0) for k, g in enumerate(gramians)]
+    for gramian, w in zip(gramians, weights, strict=True):
+        on_cpu.record(gramian, w)
+    inputs = [(g.cuda(), w.cuda()) for g, w in zip(gramians, weights, strict=True)]
+    with host_synchronisation_is_an_error():
+        for gramian, w in inputs:
+            on_cuda.record(gramian, w)
+    for name, values in on_cpu.history().items():
+        assert_close(on_cuda.history()[name].cpu(), values, rtol=1e-10, atol=1e-12)
+    assert on_cuda.report().resonance_score > 0.0
+
+
+def _with_losses(aggregator: AdaptiveGoldenPendulum) -> Callable[[Tensor], Tensor]:
+    def step(jacobian: Tensor) -> Tensor:
+        aggregator.losses = jacobian.abs().sum(dim=1) + 1e-3  # the adaptive variant's extra input
+        return aggregator(jacobian)
+
+    return step
+
+
+# The aggregators whose QP solution an attached monitor records: each family, by hand.
+ATTACHED_ON_CUDA: dict[str, Callable[[], nn.Module]] = {
+    "GoldenPendulum": GoldenPendulum,
+    "AdaptiveGoldenPendulum": AdaptiveGoldenPendulum,
+    "DynamicK": lambda: DynamicK([TaskGroup("first", [0, 1]), TaskGroup("second", [2, 3])]),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ATTACHED_ON_CUDA)
+def test_attached_on_cuda_it_records_without_a_sync_what_it_records_on_the_cpu(name: str) -> None:
+    jacobians = [conflicting_jacobian(4, 30, seed=s, decades=2.0) for s in range(6)]
+    monitors = {}
+    for device in ("cpu", "cuda"):
+        aggregator = ATTACHED_ON_CUDA[name]().to(device)
+        step = (
+            _with_losses(aggregator)
+            if isinstance(aggregator, AdaptiveGoldenPendulum)
+            else aggregator
+        )
+        monitors[device] = ConflictMonitor(tasks=list("abcd"))
+        monitors[device].attach(aggregator)
+        inputs = [jacobian.to(device) for jacobian in jacobians]
+        step(inputs[0])  # the first call allocates the state
+        with host_synchronisation_is_an_error() if device == "cuda" else nullcontext():
+            for jacobian in inputs[1:]:
+                step(jacobian)
+    assert monitors["cuda"].step_count == monitors["cpu"].step_count == len(jacobians)
+    # The CPU runs the host kernels, CUDA the tensor kernels: they agree to about 1e-10.
+    for key, values in monitors["cpu"].history().items():
+        assert_close(monitors["cuda"].history()[key].cpu(), values, rtol=1e-9, atol=1e-9)

@@ -12,28 +12,39 @@ import torch
 from torch import Tensor, nn
 
 from torchjd_golden import (
+    DynamicK,
+    DynamicKWeighting,
     ExcessMTLWeighting,
     GABAWeighting,
     GCondWeighting,
     GoldenPendulumWeighting,
+    TaskGroup,
 )
 
+from ._asserts import relative_error
+from ._devices import DEVICES, host_synchronisation_is_an_error, requires_cuda
 from ._inputs import conflicting_jacobian
-from ._methods import AGGREGATORS as AGGREGATOR_METHODS
+from ._methods import METHODS, Method
 
-# Each aggregator without extra inputs (the adaptive variant's losses are set in its own tests).
-AGGREGATORS: dict[str, Callable[[], nn.Module]] = {
-    method.name: method.make for method in AGGREGATOR_METHODS if not method.needs_extra_inputs
-}
-STATEFUL = [
-    method.name for method in AGGREGATOR_METHODS if method.stateful and method.name in AGGREGATORS
+# DynamicK's modes, named here (where the registry has an entry of the same name, it is used):
+# given groups of the row indices, groups found by the first call, and the weighting.
+_GROUPS = [TaskGroup("first", [0, 1]), TaskGroup("second", [2, 3])]
+_DYNAMIC_K = [
+    Method("DynamicK(groups)", DynamicK, {"groups": _GROUPS}),
+    Method("DynamicK(auto_group=True)", DynamicK, {"auto_group": True}),
+    Method("DynamicKWeighting(groups)", DynamicKWeighting, {"groups": _GROUPS}, takes="gramian"),
 ]
+# Every method of the registry with its extra inputs (the adaptive variant's losses), and DynamicK.
+CASES: dict[str, Method] = {method.name: method for method in [*_DYNAMIC_K, *METHODS]}
+AGGREGATORS = [name for name, method in CASES.items() if method.is_aggregator]
+STATEFUL = [name for name in AGGREGATORS if CASES[name].stateful]
+# The cases whose calls after the first never read a value on the host (not the automatic
+# regrouping every few calls of the registry's DynamicK variant, which reads its cosines).
+SYNC_FREE = [name for name, method in CASES.items() if method.sync_free_calls]
 
 # Relative error of a 5-step run against float64 on the same rounded input: a few units of the
 # dtype's rounding (float16 has an 11-bit significand, bfloat16 an 8-bit one).
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-# The GPU cases join where a CUDA device is present (a session with the lent GPU machine).
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
 def _steps(dtype: torch.dtype, device: str, count: int = 5) -> list[Tensor]:
@@ -51,9 +62,10 @@ def _steps(dtype: torch.dtype, device: str, count: int = 5) -> list[Tensor]:
 def test_output_has_the_input_dtype_and_the_float64_value(
     name: str, dtype: torch.dtype, device: str
 ) -> None:
-    low, high = AGGREGATORS[name]().to(device), AGGREGATORS[name]().to(device)
+    method = CASES[name]
+    low, high = method.make().to(device), method.make().to(device)
     for jacobian in _steps(dtype, device):
-        output, expected = low(jacobian), high(jacobian.double())
+        output, expected = method.step(low, jacobian), method.step(high, jacobian.double())
         assert output.dtype == dtype
         assert output.device == jacobian.device
         error = (output.double() - expected).abs().max() / expected.abs().max()
@@ -106,10 +118,11 @@ def test_state_follows_to_a_dtype(name: str) -> None:
     the converted state would.
     """
 
+    method = CASES[name]
     steps = _steps(torch.float32, "cpu")
-    moved, loaded = AGGREGATORS[name](), AGGREGATORS[name]()
+    moved, loaded = method.make(), method.make()
     for jacobian in steps[:3]:
-        moved(jacobian)
+        method.step(moved, jacobian)
     converted = {
         k: v.double() if v.is_floating_point() else v for k, v in moved.state_dict().items()
     }
@@ -120,33 +133,38 @@ def test_state_follows_to_a_dtype(name: str) -> None:
     loaded.load_state_dict(converted)
     for jacobian in steps[3:]:
         torch.testing.assert_close(
-            moved(jacobian.double()), loaded(jacobian.double()), rtol=0, atol=0
+            method.step(moved, jacobian.double()),
+            method.step(loaded, jacobian.double()),
+            rtol=0,
+            atol=0,
         )
 
 
-@pytest.mark.parametrize("name", STATEFUL)
-def test_state_moved_away_from_the_input_is_named(name: str) -> None:
-    module = AGGREGATORS[name]()
-    module(_steps(torch.float32, "cpu", count=1)[0])
-    module.to("meta")
-    with pytest.raises(ValueError, match="is on meta but the input is on cpu"):
-        module(_steps(torch.float32, "cpu", count=1)[0])
+def test_the_cuda_checks_cover_every_method_dynamic_k_and_the_adaptive_variant() -> None:
+    assert {method.name for method in METHODS} <= CASES.keys()
+    assert {"AdaptiveGoldenPendulum", "AdaptiveGoldenPendulumWeighting"} <= CASES.keys()
+    made = [type(method.make()) for method in CASES.values()]
+    assert DynamicK in made
+    assert DynamicKWeighting in made
 
 
-# Defined only where a GPU is present, rather than skipped everywhere else.
-if torch.cuda.is_available():
+@requires_cuda
+@pytest.mark.parametrize("name", SYNC_FREE)
+def test_no_forward_synchronises_with_the_host(name: str) -> None:
+    """
+    ``set_sync_debug_mode("error")`` makes any device-to-host synchronisation an error; the
+    outputs are the CPU's.
+    """
 
-    @pytest.mark.parametrize("name", AGGREGATORS)
-    def test_no_forward_synchronises_with_the_host(name: str) -> None:
-        """``set_sync_debug_mode("error")`` makes any device-to-host synchronisation an error."""
-
-        aggregator = AGGREGATORS[name]().to("cuda")
-        steps = _steps(torch.float32, "cuda")
-        aggregator(steps[0])  # the first call allocates the state
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            outputs = [aggregator(jacobian) for jacobian in steps[1:]]
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert all(output.isfinite().all() for output in outputs)
+    method = CASES[name]
+    module, on_cpu = method.make().to("cuda"), method.make()
+    steps = [method.input_of(jacobian) for jacobian in _steps(torch.float32, "cuda")]
+    # The first call allocates the state (and finds DynamicK's automatic groups).
+    method.step(module, steps[0])
+    method.step(on_cpu, steps[0].cpu())
+    with host_synchronisation_is_an_error():
+        outputs = [method.step(module, x) for x in steps[1:]]
+    for x, output in zip(steps[1:], outputs, strict=True):
+        assert output.device == x.device
+        expected = method.step(on_cpu, x.cpu())
+        assert relative_error(output.cpu(), expected) <= TOLERANCES[torch.float32], name

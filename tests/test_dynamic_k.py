@@ -22,9 +22,11 @@ from torchjd_golden import (
     aggregator_from_config,
     golden_ratio_weights,
 )
+from torchjd_golden._kernels import solver_path
 
 from ._asserts import relative_error
 from ._inputs import conflicting_jacobian
+from ._knife_edge import tight_tolerance
 
 NAMES = ("returns", "rank", "quality", "vol", "mae", "regime")
 GROUPS = [TaskGroup("ranking", ["returns", "rank", "quality"]), TaskGroup("risk", ["vol"], lam=0.2)]
@@ -109,7 +111,7 @@ def test_pcgrad_across_groups_is_the_reference(settings: dict[str, Any]) -> None
     native["groups"] = [TaskGroup(g.name, g.tasks, g.lam) for g in settings.get("groups", [])]
     aggregator = named(DynamicK(**native, pcgrad_across_groups=True))
     expected = reference_gradient(jacobian, NAMES, **settings)
-    assert relative_error(aggregator(jacobian), expected) < 1e-12
+    assert relative_error(aggregator(jacobian), expected) <= tight_tolerance(6, torch.float64)
 
 
 def test_the_aggregator_computes_only_the_blocks_it_reads() -> None:
@@ -179,19 +181,24 @@ def test_order_free_by_names() -> None:
         assert_close(named(DynamicK(GROUPS), names)(jacobian[permutation]), expected)
 
 
-def test_a_task_in_two_groups_adds_its_weights() -> None:
-    jacobian = conflicting_jacobian(3, 20, seed=5)
-    gramian = jacobian @ jacobian.T
-    groups = [TaskGroup("x", [0, 1]), TaskGroup("y", [1, 2])]
-    weighting = DynamicKWeighting(groups)
-    weights = weighting(gramian)
-    beta = golden_ratio_weights(2, dtype=torch.float64)
-    x = GoldenPendulumWeighting()(gramian[:2, :2])
-    y = GoldenPendulumWeighting()(gramian[1:, 1:])
-    assert_close(
-        weights, torch.stack([beta[0] * x[0], beta[0] * x[1] + beta[1] * y[0], beta[1] * y[1]])
-    )
-    assert_close(weighting.alpha.sum(), torch.tensor(1.0, dtype=torch.float64))
+def test_a_task_in_two_groups_is_refused() -> None:
+    """Given together, set, or by add_task: a task belongs to one group at most."""
+
+    match = "task 'b' is in groups 'x' and 'y'"
+    overlapping = [TaskGroup("x", ["a", "b"]), TaskGroup("y", ["b", "c"])]
+    with pytest.raises(ValueError, match=match):
+        DynamicK(overlapping)
+    aggregator = DynamicK()
+    with pytest.raises(ValueError, match=match):
+        aggregator.groups = overlapping
+    aggregator.groups = overlapping[:1]
+    with pytest.raises(ValueError, match=match):
+        aggregator.add_task("b", "y")
+    aggregator.add_task("b", "x")  # already there: nothing changes
+    assert aggregator.groups == (TaskGroup("x", ["a", "b"]),)
+    aggregator.remove_task("b")
+    aggregator.add_task("b", "y")  # moved
+    assert aggregator.groups == (TaskGroup("x", ["a"]), TaskGroup("y", ["b"]))
 
 
 def test_add_and_remove_tasks() -> None:
@@ -245,6 +252,104 @@ def test_non_finite_gramian_gives_nan_and_does_not_regroup() -> None:
     assert weighting.groups == tuple(GROUPS)
 
 
+def _with_nan(gramian: Tensor) -> Tensor:
+    bad = gramian.clone()
+    bad[0, 0] = torch.nan
+    return bad
+
+
+def test_a_non_finite_step_neither_counts_nor_moves_the_regrouping_schedule() -> None:
+    """
+    regroup_every=3: the finite steps 0, 3 and 6 regroup wherever non-finite ones fall, and the
+    run gives the outputs and groups of the run without them. Before: each bad step counted, so
+    it regrouped one finite step early from then on.
+    """
+
+    gramians = [j @ j.T for j in (conflicting_jacobian(5, 20, seed=s) for s in range(7))]
+    settings = {"auto_group": True, "regroup_every": 3, "similarity_threshold": 0.0}
+    clean = named(DynamicKWeighting(**settings), NAMES[:5])
+    expected = []
+    for gramian in gramians:
+        expected.append((clean.regroups_next_call(), clean(gramian), clean.groups))
+    assert [regroups for regroups, _, _ in expected] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
+
+    dirty = named(DynamicKWeighting(**settings), NAMES[:5])
+    calls = [0, 1, None, 2, None, 3, 4, 5, 6]  # None: a NaN step
+    flags = []
+    for index in calls:
+        flags.append(dirty.regroups_next_call())
+        if index is None:
+            groups, alpha = dirty.groups, dirty.alpha.clone()
+            assert dirty(_with_nan(gramians[0])).isnan().all()
+            assert dirty.groups == groups
+            assert torch.equal(dirty.alpha, alpha)
+        else:
+            assert torch.equal(dirty(gramians[index]), expected[index][1])
+            assert dirty.groups == expected[index][2]
+    # The bad step at count 3 would regroup: it does not, and the next finite step does.
+    assert flags == [True, False, False, False, True, True, False, False, True]
+    assert int(dirty.step_count) == 7
+
+
+def _host_reads_per_call(
+    monkeypatch: pytest.MonkeyPatch, aggregator: DynamicK, jacobians: list[Tensor]
+) -> list[int]:
+    """
+    The reads of tensor values on the host in each call, on the tensor path (as on an
+    accelerator, where each is a synchronisation).
+    """
+
+    reads = [0]
+
+    def counting(method: Any) -> Any:
+        def read(*args: Any, **kwargs: Any) -> Any:
+            reads[0] += 1
+            return method(*args, **kwargs)
+
+        return read
+
+    per_call = []
+    with monkeypatch.context() as patch, solver_path("tensor"):
+        for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+            patch.setattr(Tensor, name, counting(getattr(Tensor, name)))
+        for jacobian in jacobians:
+            reads[0] = 0
+            aggregator(jacobian)
+            per_call.append(reads[0])
+    return per_call
+
+
+def test_only_a_possible_regrouping_reads_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    regroup_every=4: a regrouping call copies the cosines (and, from the second on, reads the
+    step count first); the other calls read nothing. After a non-finite step, which the host does
+    not see, the count is read on the calls that could be due, until one is.
+    """
+
+    jacobians = [conflicting_jacobian(5, 20, seed=s) for s in range(9)]
+    settings = {"auto_group": True, "regroup_every": 4}
+    clean = named(DynamicK(**settings), NAMES[:5])
+    assert _host_reads_per_call(monkeypatch, clean, jacobians) == [1, 0, 0, 0, 2, 0, 0, 0, 2]
+
+    bad = jacobians[2].clone()
+    bad[1, 3] = torch.inf
+    dirty = named(DynamicK(**settings), NAMES[:5])
+    with_bad_step = [*jacobians[:2], bad, *jacobians[3:]]
+    assert _host_reads_per_call(monkeypatch, dirty, with_bad_step) == [1, 0, 0, 0, 1, 2, 0, 0, 0]
+
+    manual = named(DynamicK(GROUPS))
+    six_rows = [conflicting_jacobian(6, 20, seed=s) for s in range(5)]
+    assert _host_reads_per_call(monkeypatch, manual, six_rows) == [0] * 5
+
+
 def test_checkpoint_carries_groups_names_and_calls() -> None:
     jacobians = [conflicting_jacobian(6, 30, seed=s) for s in range(6)]
     settings = {"auto_group": True, "regroup_every": 4, "similarity_threshold": 0.0}
@@ -266,6 +371,14 @@ def test_checkpoint_carries_groups_names_and_calls() -> None:
     resumed.remove_task("new")
     for jacobian, output in zip(jacobians[3:], expected[3:], strict=True):
         assert torch.equal(resumed(jacobian), output)
+
+
+def test_a_checkpoint_of_plain_values_is_refused_with_a_message() -> None:
+    """What DynamicK saved before its state moved to buffers: no count to resume from."""
+
+    old = {"groups": [["g", ["a", "b"], None]], "tasks": ["a", "b"], "step_count": 7}
+    with pytest.raises(ValueError, match="written before the state moved to buffers"):
+        DynamicK().load_state_dict({"gramian_weighting._extra_state": old}, strict=False)
 
 
 @pytest.mark.parametrize("optimize", [False, True])
@@ -299,7 +412,8 @@ def test_jac_to_grad_and_the_autogram_engine(optimize: bool) -> None:
 
 def test_before_any_call_nothing_is_active() -> None:
     aggregator = DynamicK(GROUPS)
-    assert (aggregator.active_groups, aggregator.group_weights, aggregator.alpha) == ((), {}, None)
+    assert (aggregator.active_groups, aggregator.group_weights) == ((), {})
+    assert aggregator.alpha.numel() == 0
 
 
 def test_one_task_gives_the_raw_gradient() -> None:
@@ -330,6 +444,13 @@ def test_from_a_config() -> None:
         (lambda: TaskGroup("g", ["a", "a"]), "distinct"),
         (lambda: TaskGroup("g", [["unhashable"]]), "hashable"),
         (lambda: TaskGroup("g", ["a"], lam=-1.0), "lam"),
+        (
+            lambda: TaskGroup("g", "depth"),
+            "not the string 'depth'.*TaskGroup\\('g', \\['depth'\\]\\)",
+        ),
+        (lambda: TaskGroup("g", [1.5]), "strings or integers"),
+        (lambda: DynamicK([TaskGroup("_ungrouped", ["a"])]), "named '_ungrouped'"),
+        (lambda: DynamicK().add_task("a", "_ungrouped"), "named '_ungrouped'"),
         (lambda: DynamicK([TaskGroup("g"), TaskGroup("g")]), "distinct"),
         (lambda: DynamicK(TaskGroup("g")), "sequence of task groups"),
         (lambda: DynamicK(["g"]), "TaskGroup or a mapping"),
@@ -364,12 +485,16 @@ def test_registered_as_entry_points() -> None:
 
 
 def test_compiled_matches_eager() -> None:
-    """Without regrouping a call traces with fullgraph=True: no host synchronisation."""
+    """
+    Without regrouping a call traces with fullgraph=True, with task names, for more calls than
+    the recompilation limit: no host synchronisation, and no Python number that changes.
+    """
 
     eager, traced = named(DynamicKWeighting(GROUPS)), named(DynamicKWeighting(GROUPS))
     torch._dynamo.reset()
     compiled = torch.compile(traced, backend="eager", fullgraph=True)
-    for seed in range(3):
+    calls = torch._dynamo.config.recompile_limit + 2
+    for seed in range(calls):
         jacobian = conflicting_jacobian(6, 20, seed=seed)
         assert_close(compiled(jacobian @ jacobian.T), eager(jacobian @ jacobian.T))
-    assert traced.step_count == eager.step_count == 3
+    assert int(traced.step_count) == int(eager.step_count) == calls

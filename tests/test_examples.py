@@ -37,9 +37,25 @@ def test_every_example_is_run() -> None:
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_example_runs(script: str) -> None:
     arguments, expected = RUNS[script]
-    result = subprocess.run(
+    result = _run(script, arguments, ROOT)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+    if expected.startswith("resume:"):  # the contract of the trainer examples: the last line
+        assert result.stdout.endswith(expected)
+
+
+def test_config_swap_without_an_argument_reads_the_golden_pendulum_config(tmp_path: Path) -> None:
+    """The config beside the script, whatever the working directory."""
+
+    result = _run("config_swap.py", [], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "aggregator: GoldenPendulum(lam=0.5, " in result.stdout
+
+
+def _run(script: str, arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *arguments],
-        cwd=ROOT,
+        cwd=cwd,
         env={
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -49,7 +65,3 @@ def test_example_runs(script: str) -> None:
         timeout=300,
         check=False,
     )
-    assert result.returncode == 0, result.stderr
-    assert expected in result.stdout
-    if expected.startswith("resume:"):  # the contract of the trainer examples: the last line
-        assert result.stdout.endswith(expected)

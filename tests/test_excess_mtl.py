@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,58 @@ def test_the_host_path_reads_the_finite_flag_and_equals_the_tensor_path() -> Non
     assert torch.equal(host_sum, tensor_sum)
     assert host[2].isnan().all()
     assert host[4].isfinite().all()
+
+
+def _every_magnitude() -> Tensor:
+    """
+    Float64 values of every binary exponent, subnormals included: the powers of two, their
+    neighbours on both sides, a spread of mantissas, their negatives, and 0, -0, ±inf, NaN.
+    """
+
+    exponents = torch.arange(-1074, 1024, dtype=torch.float64)
+    powers = torch.ldexp(torch.ones_like(exponents), exponents)
+    inf = torch.full_like(powers, torch.inf)
+    mantissas = torch.linspace(1.0, 2.0, 9, dtype=torch.float64)[:-1]
+    spread = (powers.unsqueeze(1) * mantissas).flatten()
+    special = [0.0, torch.finfo(torch.float64).max, torch.finfo(torch.float64).tiny]
+    values = torch.cat(
+        [
+            powers,
+            torch.nextafter(powers, inf),
+            torch.nextafter(powers, -inf),
+            spread[spread.isfinite()],
+            torch.tensor([*special, torch.inf, torch.nan], dtype=torch.float64),
+        ]
+    )
+    return torch.cat([values, -values])
+
+
+def test_binary_exponents_are_those_of_frexp() -> None:
+    """Inductor cannot compile frexp: the exponents read from the bits are its, compiled too."""
+
+    values = _every_magnitude()
+    assert (values.abs() < torch.finfo(torch.float64).tiny).sum() > 1000  # subnormals
+    expected = torch.frexp(values).exponent.to(torch.int64)
+    assert torch.equal(_excess_mtl.binary_exponents(values), expected)
+    torch._dynamo.reset()
+    compiled = torch.compile(_excess_mtl.binary_exponents, fullgraph=True)
+    assert torch.equal(compiled(values), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_overflow_free_scales_are_those_of_frexp(dtype: torch.dtype) -> None:
+    """
+    Inductor cannot compile frexp: the scales are the same powers of two as the formula on
+    frexp's exponents, bit for bit, over every binary exponent, eager and compiled by inductor.
+    """
+
+    largest = _every_magnitude()
+    headroom = (math.floor(math.log2(torch.finfo(dtype).max)) - 40) // 2
+    exponents = torch.frexp(largest).exponent.to(torch.float64)
+    needed = torch.exp2((exponents - headroom).clamp(min=0.0)).to(dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(_excess_mtl.overflow_free_scales, fullgraph=True)
+    for previous in (torch.ones_like(needed), torch.full_like(needed, 2.0**60)):
+        expected = torch.maximum(previous, needed)
+        assert torch.equal(_excess_mtl.overflow_free_scales(largest, previous, dtype), expected)
+        assert torch.equal(compiled(largest, previous, dtype), expected)

@@ -11,10 +11,22 @@ import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchjd.aggregation import WeightedAggregator
 from torchjd.autojac import backward, jac_to_grad
 
-from torchjd_golden import GCond, GCondWeighting, backward_task
+from torchjd_golden import (
+    ConflictMonitor,
+    Curriculum,
+    GCond,
+    GCondWeighting,
+    Phase,
+    WeightLogger,
+    backward_task,
+    with_grad_scaler,
+)
 from torchjd_golden._kernels import solver_path
+from torchjd_golden._task_step import JacobianStep
+from torchjd_golden.compare._training import applied_weights
 
 from ._asserts import relative_error
 from ._inputs import conflicting_jacobian
@@ -248,7 +260,7 @@ def test_the_stochastic_cycle_feeds_gcond() -> None:
     weights = jac_to_grad(parameters, GCond())
     expected = GCond()(torch.stack(rows))
     assert_close(torch.cat([p.grad.flatten() for p in parameters]), expected)  # type: ignore[union-attr]
-    assert weights is not None
+    assert weights is None  # the momentum: an update that no weights of these rows give
 
 
 @pytest.mark.parametrize(
@@ -430,3 +442,131 @@ def test_statistics_are_read_on_the_host_only_when_asked(monkeypatch: pytest.Mon
         stats = aggregator.stats()
     assert isinstance(stats.proj_iters, Tensor)
     assert stats.as_dict()["proj_iters"] >= 1.0
+
+
+def _three_task_steps(seed: int, count: int) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
+    """A model of three tasks, losses of conflicting scales, and ``count`` batches."""
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    return model, [(torch.randn(16, 5), torch.randn(16, 3)) for _ in range(count)]
+
+
+def _task_losses(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    inputs, targets = batch
+    return torch.tensor([1.0, -1.0, 0.5]) * ((model(inputs) - targets) ** 2).mean(dim=0)
+
+
+def _flat_gradient(model: nn.Module) -> Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])  # type: ignore[union-attr]
+
+
+def _flat_jacobian(losses: Tensor, model: nn.Module) -> Tensor:
+    rows = [
+        torch.autograd.grad(loss, list(model.parameters()), retain_graph=True) for loss in losses
+    ]
+    return torch.stack([torch.cat([g.flatten() for g in row]) for row in rows])
+
+
+def test_the_resolution_weights_make_the_resolved_gradient_not_the_update() -> None:
+    """
+    The momentum carries the earlier steps: from the second step on, no weights of the rows give
+    the update, so jac_to_grad returns none, and resolution_weights give g_t, before momentum.
+    """
+
+    beta = 0.85
+    model, batches = _three_task_steps(seed=0, count=3)
+    aggregator, momentum = GCond(momentum_beta=beta), torch.zeros(0)
+    for step, batch in enumerate(batches, start=1):
+        losses = _task_losses(model, batch)
+        jacobian = _flat_jacobian(losses, model)
+        backward(losses)
+        assert jac_to_grad(list(model.parameters()), aggregator) is None
+        update, weights = _flat_gradient(model), aggregator.resolution_weights
+        assert weights is not None
+        assert weights.shape == (3,)
+        resolved = weights @ jacobian
+        momentum = (1 - beta) * resolved if step == 1 else beta * momentum + (1 - beta) * resolved
+        assert_close(update, momentum / (1 - beta**step))
+        if step > 1:  # wᵀJ would misreport the update by tens of percent
+            assert relative_error(update, resolved) > 0.1
+        model.zero_grad()
+
+
+def test_no_api_reports_weights_that_are_not_the_update(tmp_path: Path) -> None:
+    """Every path that returns or logs weights: none for GCond, the update's without momentum."""
+
+    model, batches = _three_task_steps(seed=1, count=3)
+    parameters = list(model.parameters())
+
+    # jac_to_grad, also through with_grad_scaler: no weights, with or without momentum.
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    for aggregator in (GCond(), GCond(momentum_beta=0.0), with_grad_scaler(GCond(), scaler)):
+        for batch in batches:
+            backward(_task_losses(model, batch))
+            assert jac_to_grad(parameters, aggregator) is None
+            model.zero_grad()
+    # The comparison app shows the resolution weights, under that name in its report.
+    gcond = GCond()
+    backward(_task_losses(model, batches[0]))
+    jac_to_grad(parameters, gcond)
+    model.zero_grad()
+    assert gcond.resolution_weights is not None
+    assert applied_weights(gcond, None) is gcond.resolution_weights
+    assert applied_weights(GCond(), None) is None  # before its first call
+
+    # The momentum-free resolution as a WeightedAggregator: its weights give the update.
+    resolution = WeightedAggregator(GCondWeighting())
+    for batch in batches:
+        losses = _task_losses(model, batch)
+        jacobian = _flat_jacobian(losses, model)
+        backward(losses)
+        weights = jac_to_grad(parameters, resolution)
+        assert_close(weights @ jacobian, _flat_gradient(model))
+        model.zero_grad()
+
+    # The trainers' step (Lightning, Hugging Face), the curriculum: no weights, none logged.
+    step = JacobianStep(GCond())
+    curriculum = Curriculum([Phase("all", tasks=["a", "b", "c"], steps=5)], GCond(), model=model)
+    for batch in batches:
+        step.backward(step.take(_task_losses(model, batch)))
+        assert step.resolve(parameters) is None
+        assert step.aggregated
+        assert step.weight_scalars() == {}
+        model.zero_grad()
+        losses = _task_losses(model, batch)
+        assert curriculum.backward({name: losses[k] for k, name in enumerate("abc")}) == {}
+        curriculum.step()
+        model.zero_grad()
+
+    # The loggers refuse it; the diagnostics engine records its Gramian, and no weights.
+    with pytest.raises(TypeError, match="`GCond` does not combine the rows with a weighting"):
+        WeightLogger(tmp_path / "weights.jsonl").attach(GCond())
+    with pytest.raises(TypeError, match=r"record\(gramian, weights=None"):  # the old protocol
+        JacobianStep(GCond(), diagnostics=_Recorder())
+    monitored = JacobianStep(GCond(), diagnostics=True)
+    monitor = monitored.recorder
+    assert isinstance(monitor, ConflictMonitor)
+    for batch in batches:
+        monitored.backward(monitored.take(_task_losses(model, batch)))
+        jacobian = torch.cat([p.jac.flatten(1) for p in parameters], dim=1)  # type: ignore[attr-defined]
+        monitored.resolve(parameters)
+        report = monitor.report()
+        assert report.gradient_norms == pytest.approx(
+            dict(
+                zip(
+                    ("task_0", "task_1", "task_2"),
+                    jacobian.double().norm(dim=1).tolist(),
+                    strict=True,
+                )
+            )
+        )
+        assert report.balance_ratio == 0.0  # no weights
+        assert report.weight_deviation == 0.0
+        model.zero_grad()
+    assert monitor.step_count == len(batches)
+
+
+class _Recorder:
+    def record(self, gramian: Tensor, weights: Tensor, tasks: object, /) -> None:
+        raise AssertionError("a recorder of weights must not be attached to GCond")

@@ -27,38 +27,86 @@ def _jacobians(count: int, dtype: torch.dtype = torch.float32, m: int = 4) -> li
     return [conflicting_jacobian(m, 30, seed=s, decades=2.0, dtype=dtype) for s in range(count)]
 
 
+def _rounding_tolerance(dtype: torch.dtype, m: int = 4) -> float:
+    """A relative error of a few steps' rounding in ``dtype`` (float64 carries no error here)."""
+
+    return 8.0 * m * torch.finfo(dtype).eps
+
+
+def _step_recording_resets(method: Method, module: nn.Module, stat: Tensor) -> tuple[Tensor, bool]:
+    """The output of a step, and whether the module said that it reset its state; no other
+    warning is allowed."""
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output = method.step(module, stat)
+    messages = [str(warning.message) for warning in caught]
+    assert all("state was reset" in message for message in messages), messages
+    return output, bool(messages)
+
+
 @pytest.mark.parametrize("method", STATEFUL, ids=str)
-def test_a_change_of_precision_between_calls_rebuilds_or_converts_without_failing(
+def test_a_change_of_precision_between_calls_rebuilds_or_converts_the_state(
     method: Method,
 ) -> None:
-    """A float32 call, then float64 ones, then float32 again: never a dtype error."""
+    """
+    A float32 call, then float64 ones, then float32 again: each output has the input's dtype and
+    the value of a float64 run on the same (rounded) inputs, a run that starts afresh wherever
+    the module said that it reset its state.
+    """
 
-    module = method.make()
+    module, reference = method.make(), method.make()
     dtypes = [torch.float32, torch.float64, torch.float64, torch.float32]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the state may be rebuilt, with a warning
-        for dtype, jacobian in zip(dtypes, _jacobians(4, torch.float64), strict=True):
-            output = method.step(module, method.input_of(jacobian.to(dtype)))
-            assert output.dtype == dtype
-            assert output.isfinite().all()
+    for dtype, jacobian in zip(dtypes, _jacobians(4, torch.float64), strict=True):
+        stat = method.input_of(jacobian.to(dtype))
+        output, reset = _step_recording_resets(method, module, stat)
+        if reset:
+            reference = method.make()
+        expected = method.step(reference, stat.double())
+        assert output.dtype == dtype
+        assert relative_error(output, expected) <= _rounding_tolerance(torch.float32), dtype
 
 
 @pytest.mark.parametrize("method", STATEFUL, ids=str)
 @pytest.mark.parametrize("conversion", ["double", "half", "float"])
 def test_converting_the_module_that_holds_it(method: Method, conversion: str) -> None:
-    """As a submodule of a model on which .double(), .half() or .float() is called."""
+    """
+    As a submodule of a model on which .double(), .half() or .float() is called: the run goes on
+    as a fresh instance loaded with the converted checkpoint would, and gives the value of a
+    float64 run on the same (rounded) inputs, started afresh where the module reset its state.
+    """
 
     model = nn.Module()
     model.aggregator = method.make()
     dtype = {"double": torch.float64, "half": torch.float16, "float": torch.float32}[conversion]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for jacobian in _jacobians(2):
-            method.step(model.aggregator, method.input_of(jacobian))
-        getattr(model, conversion)()
-        for jacobian in _jacobians(2):
-            output = method.step(model.aggregator, method.input_of(jacobian.to(dtype)))
-            assert output.isfinite().all()
+    steps = [method.input_of(jacobian) for jacobian in _jacobians(4)]
+    reference = method.make()
+    for stat in steps[:2]:
+        method.step(model.aggregator, stat)
+        method.step(reference, stat.double())
+    converted = {
+        name: value.to(dtype) if value.is_floating_point() else value
+        for name, value in model.aggregator.state_dict().items()
+    }
+    loaded = method.make()
+    loaded.load_state_dict(converted)
+
+    getattr(model, conversion)()
+    assert all(
+        value.dtype == dtype
+        for value in model.aggregator.state_dict().values()
+        if value.is_floating_point()
+    )
+    for stat in (step.to(dtype) for step in steps[2:]):
+        output, reset = _step_recording_resets(method, model.aggregator, stat)
+        assert output.dtype == dtype
+        assert torch.equal(output, _step_recording_resets(method, loaded, stat)[0])
+        if reset:
+            reference = method.make()
+        expected = method.step(reference, stat.double())
+        # The state carries the rounding of its float32 steps, then that of dtype.
+        tolerance = max(_rounding_tolerance(torch.float32), _rounding_tolerance(dtype))
+        assert relative_error(output, expected) <= tolerance
 
 
 @pytest.mark.parametrize("method", STATEFUL, ids=str)

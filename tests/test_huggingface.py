@@ -222,8 +222,9 @@ class Recorder:
     def __init__(self) -> None:
         self.tasks: list[Any] = []
 
-    def record(self, gramian: Tensor, weights: Tensor, tasks: Any, /) -> None:
+    def record(self, gramian: Tensor, weights: Tensor | None = None, *, tasks: Any = None) -> None:
         assert gramian.shape == (3, 3)
+        assert weights is not None
         assert weights.shape == (3,)
         self.tasks.append(tasks)
 

@@ -20,9 +20,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from torchjd_golden import aggregator_from_config, gramian_diagnostics, with_grad_scaler
+from torchjd_golden import (
+    ConflictMonitor,
+    aggregator_from_config,
+    gramian_diagnostics,
+    with_grad_scaler,
+)
 from torchjd_golden.lightning import MultiTaskModule, TaskLosses
 
+from ._asserts import COPY_WAYS, copy_of
 from ._methods import NamedMean
 
 # Lightning's own notices and hints (not about this package).
@@ -291,29 +297,67 @@ def test_the_weights_are_logged_by_task_name() -> None:
 
 class Recorder:
     def __init__(self) -> None:
-        self.calls: list[tuple[Tensor, Tensor, Any]] = []
+        self.calls: list[tuple[Tensor, Tensor | None, Any]] = []
 
-    def record(self, gramian: Tensor, weights: Tensor, tasks: Any, /) -> None:
+    def record(self, gramian: Tensor, weights: Tensor | None = None, *, tasks: Any = None) -> None:
         self.calls.append((gramian, weights, tasks))
 
 
-def test_diagnostics_get_the_gramian_the_aggregation_used() -> None:
+@pytest.mark.parametrize("aggregator", ["golden_pendulum", "upgrad"])
+def test_diagnostics_get_the_gramian_the_aggregation_used(aggregator: str) -> None:
+    """The Gramian the weighting took, the weights the method reports (Golden Pendulum's QP
+    solution alpha, the returned weights otherwise) and the task names, for any aggregator."""
+
     recorder = Recorder()
-    module = Model("golden_pendulum", diagnostics=recorder)
+    module = Model(aggregator, diagnostics=recorder)
     inputs: list[Tensor] = []
-    outputs: list[Tensor] = []
+    reported: list[Tensor] = []
     weighting = module.aggregator.gramian_weighting
     weighting.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
-    weighting.register_forward_hook(lambda _m, _i, w: outputs.append(w))
+    weighting.register_forward_hook(
+        lambda m, _i, w: reported.append(w if aggregator == "upgrad" else m.alpha.clone())
+    )
     trainer(1, max_steps=3).fit(module, data())
 
     assert len(recorder.calls) == 3
-    for (gramian, weights, tasks), used, returned in zip(
-        recorder.calls, inputs, outputs, strict=True
+    for (gramian, weights, tasks), used, expected in zip(
+        recorder.calls, inputs, reported, strict=True
     ):
         assert torch.equal(gramian, used)
-        assert torch.equal(weights, returned)
+        assert weights is not None
+        assert torch.equal(weights, expected)
         assert tasks == NAMES
+
+
+def test_a_conflict_monitor_of_ones_own_is_attached_as_the_default_is() -> None:
+    monitor = ConflictMonitor(window_size=10)
+    module = Model("upgrad", diagnostics=monitor)
+    assert module.diagnostics is monitor
+    fit = trainer(1, max_steps=3)
+    fit.fit(module, data())
+
+    assert monitor.step_count == 3
+    assert list(monitor.report().gradient_norms) == list(NAMES)  # the step's names, not 0, 1, 2
+    assert float(fit.callback_metrics["diagnostics/conflict_ratio"]) == pytest.approx(
+        monitor.report().conflict_ratio
+    )
+
+
+@pytest.mark.parametrize("how", COPY_WAYS)
+def test_a_module_with_diagnostics_copies_with_its_own_monitor(how: str) -> None:
+    module = Model("golden_pendulum", diagnostics=ConflictMonitor())
+    trainer(1, max_steps=2).fit(module, data())
+    twin = copy_of(module, how)
+
+    assert twin.diagnostics is not module.diagnostics
+    assert twin.diagnostics.step_count == module.diagnostics.step_count == 2
+    jacobian = torch.randn(3, 5)
+    twin._jacobian_step.tasks = ("p", "q", "r")
+    twin.aggregator(jacobian)
+    assert (twin.diagnostics.step_count, module.diagnostics.step_count) == (3, 2)
+    assert list(twin.diagnostics.report().gradient_norms) == ["p", "q", "r"]
+    expected = gramian_diagnostics(jacobian.double() @ jacobian.double().T)
+    assert twin.diagnostics.report().conflict_ratio == pytest.approx(float(expected.conflict_ratio))
 
 
 def test_the_default_diagnostics_are_logged() -> None:

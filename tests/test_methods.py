@@ -13,8 +13,10 @@ from torch.testing import assert_close
 
 from ._asserts import (
     assert_compiled_matches_eager,
+    assert_equal_up_to_rounding,
     assert_expected_structure,
     assert_non_differentiable,
+    assert_same_state_up_to_rounding,
 )
 from ._inputs import conflicting_jacobian, scaled_matrices, typical_matrices
 from ._methods import AGGREGATORS, METHODS, Method, jacobians, weighting_of
@@ -87,12 +89,44 @@ def test_positively_homogeneous(method: Method) -> None:
     assert_close(_fresh_call(method, 1e4 * jacobian), 1e4 * _fresh_call(method, jacobian))
 
 
-@pytest.mark.parametrize("method", METHODS, ids=str)
+@pytest.mark.parametrize("method", [m for m in METHODS if m.sync_free_calls], ids=str)
 def test_compiled_matches_eager(method: Method) -> None:
     """Traces with fullgraph=True (no host sync, no graph break) and gives the eager numbers."""
 
     count = torch._dynamo.config.recompile_limit + 2 if method.stateful else 3
     assert_compiled_matches_eager(method, jacobians(method, count=count), tol=1e-10)
+
+
+def _first_of_each_class(methods: list[Method]) -> list[Method]:
+    first: dict[object, Method] = {}
+    for method in methods:
+        first.setdefault(method.factory, method)
+    return list(first.values())
+
+
+# One case per method, each compile by inductor costing seconds: the first entry of each
+# aggregator class (an aggregator runs its weighting's kernels).
+INDUCTOR_CASES = _first_of_each_class(AGGREGATORS)
+
+
+@pytest.mark.parametrize("method", INDUCTOR_CASES, ids=str)
+def test_inductor_matches_eager(method: Method) -> None:
+    """
+    The default backend compiles the method without a graph break and gives the eager numbers
+    and state: a step that writes the state, then one that reads it.
+    """
+
+    m = 3
+    first, *inputs = jacobians(method, m=m, count=3, n=8)
+    eager, traced = method.make(), method.make()
+    method.step(eager, first)
+    method.step(traced, first)  # the state exists: one graph for the calls below
+    torch._dynamo.reset()
+    compiled = torch.compile(traced, fullgraph=True)
+    for x in inputs:
+        expected = method.step(eager, x)
+        assert_equal_up_to_rounding(method.step(traced, x, compiled), expected, m=m)
+    assert_same_state_up_to_rounding(traced, eager, m=m)
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m.expected_repr], ids=str)

@@ -17,8 +17,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torchjd.aggregation import TrimmedMean, UPGrad
 from torchjd.autojac import backward, jac_to_grad
 
-from torchjd_golden import GCond, GoldenPendulum, WeightLogger, gramian_diagnostics
+from torchjd_golden import ExcessMTL, GoldenPendulum, WeightLogger, gramian_diagnostics
 
+from ._asserts import COPY_WAYS, copy_of
+from ._devices import host_synchronisation_is_an_error, requires_cuda
 from ._inputs import conflicting_jacobian
 
 
@@ -123,21 +125,18 @@ def test_a_non_finite_gramian_gives_a_non_finite_report() -> None:
     assert math.isnan(float(gramian_diagnostics(gramian).norm_ratio))
 
 
-# Defined only where a GPU is present, rather than skipped everywhere else.
-if torch.cuda.is_available():
-
-    def test_on_an_accelerator_a_non_gramian_gives_nan_without_a_sync() -> None:
-        not_a_gramian = torch.tensor([[1.0, -0.5], [0.5, 1.0]], device="cuda")
-        gramian = _JACOBIAN.cuda() @ _JACOBIAN.cuda().T
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            bad, good = gramian_diagnostics(not_a_gramian), gramian_diagnostics(gramian)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        assert bad.cosine.isnan().all()
-        assert math.isnan(float(bad.conflict_ratio))
-        assert float(good.conflict_ratio) == pytest.approx(1.0)
+@requires_cuda
+def test_on_an_accelerator_a_non_gramian_gives_nan_without_a_sync() -> None:
+    not_a_gramian = torch.tensor([[1.0, -0.5], [0.5, 1.0]], device="cuda")
+    gramian = _JACOBIAN.cuda() @ _JACOBIAN.cuda().T
+    with host_synchronisation_is_an_error():
+        bad, good = gramian_diagnostics(not_a_gramian), gramian_diagnostics(gramian)
+    assert bad.cosine.isnan().all()
+    assert math.isnan(float(bad.conflict_ratio))
+    assert float(good.conflict_ratio) == pytest.approx(1.0)
+    on_cpu = gramian_diagnostics(_JACOBIAN @ _JACOBIAN.T)
+    assert_close(good.cosine.cpu(), on_cpu.cosine)
+    assert_close(good.norms.cpu(), on_cpu.norms)
 
 
 def _train(aggregator: nn.Module, steps: int, jacobian: torch.Tensor | None = None) -> None:
@@ -161,10 +160,10 @@ def _records(path: Path) -> list[dict]:  # type: ignore[type-arg]
     ("make", "hooked"),
     [
         (GoldenPendulum, lambda a: a.gramian_weighting),
-        (GCond, lambda a: a.weighting),
+        (ExcessMTL, lambda a: a.weighting),  # a weighting of the Jacobian
         (UPGrad, lambda a: a.gramian_weighting),  # any torchjd weighting
     ],
-    ids=["GoldenPendulum", "GCond", "UPGrad"],
+    ids=["GoldenPendulum", "ExcessMTL", "UPGrad"],
 )
 def test_the_logger_writes_json_lines_of_any_weighting(make, hooked, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     aggregator = make()
@@ -215,6 +214,32 @@ def test_the_logger_rejects_names_that_do_not_fit(tmp_path: Path) -> None:
     WeightLogger(tmp_path / "w.jsonl", tasks=["a", "b"]).attach(aggregator)
     with pytest.raises(ValueError, match="`tasks` names 2 tasks, but there are 3 weights"):
         _train(aggregator, steps=1)
+
+
+def test_the_logger_refuses_names_equal_as_text(tmp_path: Path) -> None:
+    """1 and "1" would share the key "1" of a JSON line, and one weight would be lost."""
+
+    message = r"The task names 1 and '1' both read '1' as text"
+    with pytest.raises(ValueError, match=message):
+        WeightLogger(tmp_path / "w.jsonl", tasks=[1, "1", "b"])
+    aggregator = GoldenPendulum()
+    aggregator.tasks = [1, "1", "b"]  # distinct names for the aggregator: the logger refuses
+    WeightLogger(tmp_path / "w.jsonl").attach(aggregator)
+    with pytest.raises(ValueError, match=message):
+        _train(aggregator, steps=1)
+    assert not (tmp_path / "w.jsonl").exists()
+
+
+def test_a_closed_logger_refuses_to_log(tmp_path: Path) -> None:
+    aggregator = GoldenPendulum()
+    with WeightLogger(tmp_path / "w.jsonl") as logger:
+        handle = logger.attach(aggregator)
+        _train(aggregator, steps=2)
+    with pytest.raises(ValueError, match=r"WeightLogger is closed.*handle.remove\(\)"):
+        _train(aggregator, steps=1)
+    assert [r["step"] for r in _records(tmp_path / "w.jsonl")] == [0, 1]
+    handle.remove()
+    _train(aggregator, steps=1)  # detached: the aggregator trains on
 
 
 def test_the_logger_reports_golden_pendulum_alpha_as_the_reference_does(tmp_path: Path) -> None:
@@ -302,6 +327,25 @@ def test_a_module_carrying_the_logger_deep_copies(tmp_path: Path) -> None:
 
     assert twin_logger is not logger
     assert [r["step"] for r in _records(tmp_path / "w.jsonl")] == [0, 1, 1]
+
+
+@pytest.mark.parametrize("how", COPY_WAYS)
+def test_a_module_carrying_the_logger_pickles(tmp_path: Path, how: str) -> None:
+    """The copy's logger continues the step count into the same file, with its own handle."""
+
+    aggregator = GoldenPendulum()
+    logger = WeightLogger(tmp_path / "w.jsonl", tasks=["a", "b", "c"])
+    logger.attach(aggregator)
+    _train(aggregator, steps=2)
+    twin = copy_of(aggregator, how)
+    (twin_logger,) = twin.gramian_weighting._forward_hooks.values()
+    assert twin_logger is not logger
+    _train(twin, steps=1)
+    twin_logger.close()
+    logger.close()
+    records = _records(tmp_path / "w.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert list(records[-1]["weights"]) == ["a", "b", "c"]
 
 
 def test_the_logger_names_the_extra_when_tensorboard_is_missing(

@@ -1,4 +1,8 @@
-"""The state rules every stateful aggregator and weighting follows."""
+"""
+The state rules every stateful aggregator and weighting follows. Resuming and skipping a
+non-finite step are checked on both solver paths (the ``solver_path`` fixture): the host kernels
+of CPU tensors in eager mode, and the tensor kernels of accelerators and ``torch.compile``.
+"""
 
 from __future__ import annotations
 
@@ -31,13 +35,17 @@ def test_is_stateful(case: Method) -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("split", [0, 1, 3])
-def test_checkpoint_resumes_bit_identically_in_a_fresh_instance(case: Method, split: int) -> None:
+def test_checkpoint_resumes_bit_identically_in_a_fresh_instance(
+    case: Method, split: int, solver_path: str
+) -> None:
     assert_resumes_bit_identically(case, _inputs(case), split)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("poisoned_index", [0, 4])
-def test_non_finite_step_leaves_the_state_untouched(case: Method, poisoned_index: int) -> None:
+def test_non_finite_step_leaves_the_state_untouched(
+    case: Method, poisoned_index: int, solver_path: str
+) -> None:
     assert_nonfinite_step_is_skipped(case, _inputs(case), poisoned_index)
 
 
@@ -59,7 +67,7 @@ def _poisoned(matrix: Tensor, kind: int) -> Tensor:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_scattered_overflow_steps_leave_the_run_unchanged(case: Method) -> None:
+def test_scattered_overflow_steps_leave_the_run_unchanged(case: Method, solver_path: str) -> None:
     """
     A run with inf/NaN steps before the first clean step, in a row, and at the end gives the
     outputs and the final state of the run without them, bit for bit. The extra inputs of the
@@ -115,12 +123,87 @@ def test_a_change_of_task_count_resets_with_a_warning(case: Method) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_input_on_another_device_than_the_state_is_an_error(case: Method) -> None:
+@pytest.mark.parametrize("advice", ["to", "reset"])
+def test_input_on_another_device_than_the_state_is_an_error_whose_advice_works(
+    case: Method, advice: str
+) -> None:
     module = case.make()
     case.step(module, _inputs(case, count=1)[0])
     elsewhere = _inputs(case, count=1)[0].to("meta")
-    with pytest.raises(ValueError, match=r"state of .* is on cpu but the input is on meta"):
+    with pytest.raises(
+        ValueError,
+        match=r"state of .* is on cpu but the input is on meta\. Move the aggregator with "
+        r"`\.to\('meta'\)`, or call `\.reset\(\)`",
+    ):
         case.step(module, elsewhere)
+    if advice == "to":
+        module.to("meta")
+    else:
+        module.reset()  # type: ignore[operator]
+    assert case.step(module, elsewhere).device.type == "meta"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("to_empty", [True, False], ids=["to_empty", "as is"])
+@pytest.mark.parametrize("made", ["by a call on meta", "by .to('meta')"])
+def test_a_state_made_on_the_meta_device_is_rebuilt_by_a_real_call(
+    case: Method, made: str, to_empty: bool
+) -> None:
+    """
+    A state made on the meta device has shapes and no values, and ``to_empty`` gives it
+    uninitialised memory (a step count of 94916644891765, NaN weights): the first call on a real
+    device, after ``to_empty(device="cpu")`` or not, rebuilds it with a warning, and the run is
+    that of a fresh instance.
+    """
+
+    inputs = _inputs(case, count=4)
+    fresh = case.make()
+    expected = [case.step(fresh, x) for x in inputs]
+
+    module = case.make()
+    if made == "by a call on meta":
+        assert case.step(module, inputs[0].to("meta")).device.type == "meta"
+    else:
+        case.step(module, inputs[0])
+        module.to("meta")
+    if to_empty:
+        module.to_empty(device="cpu")
+    with pytest.warns(
+        UserWarning,
+        match=r"received input on cpu but holds a state made on the meta device, which has no "
+        r"values: its state was reset",
+    ):
+        first = case.step(module, inputs[0])
+    assert torch.equal(first, expected[0])
+    for x, output in zip(inputs[1:], expected[1:], strict=True):
+        assert torch.equal(case.step(module, x), output)
+    # (A buffer that no call fills, such as GCond's momentum with momentum_beta=0, stays empty
+    # where .to() moved it.)
+    assert_same_state(_filled(state_tensors(module)), _filled(state_tensors(fresh)))
+
+
+def _filled(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: value for name, value in state.items() if value.numel()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_a_checkpoint_loaded_after_to_empty_is_kept(case: Method) -> None:
+    """The usual meta-device initialisation: build on meta, ``to_empty``, load a checkpoint."""
+
+    inputs = _inputs(case, count=6)
+    source = case.make()
+    expected = [case.step(source, x) for x in inputs]
+    checkpoint = case.make()
+    for x in inputs[:3]:
+        case.step(checkpoint, x)
+
+    with torch.device("meta"):
+        module = case.make()
+    case.step(module, inputs[0].to("meta"))
+    module.to_empty(device="cpu")
+    module.load_state_dict(checkpoint.state_dict())
+    for x, output in zip(inputs[3:], expected[3:], strict=True):
+        assert torch.equal(case.step(module, x), output)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)

@@ -73,12 +73,14 @@ def test_micro_batches_add_up_and_resolve_once() -> None:
     backward(total[0] + total[1])
     expected = jac_to_grad(reference_model.parameters(), reference)
 
-    assert weights is not None
-    assert torch.equal(weights, expected)
+    assert weights is None  # GCond's momentum: no weights
+    assert expected is None
+    assert step.aggregated
+    assert torch.equal(step.aggregator.resolution_weights, reference.resolution_weights)  # type: ignore[arg-type]
     for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)  # type: ignore[arg-type]
     assert int(step.aggregator.weighting.step_count) == 1  # type: ignore[union-attr]
-    assert set(step.weight_scalars()) == {"weight/a", "weight/b", "weight/c", "balance_ratio"}
+    assert step.weight_scalars() == {}
 
 
 def test_golden_pendulum_adds_alpha_to_the_scalars() -> None:
@@ -104,7 +106,9 @@ def test_the_tasks_must_not_change_within_a_step() -> None:
 
 def test_a_step_without_backward_resolves_nothing() -> None:
     model, _ = _losses()
-    assert JacobianStep("upgrad").resolve(model.parameters()) is None
+    step = JacobianStep("upgrad")
+    assert step.resolve(model.parameters()) is None
+    assert not step.aggregated
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -137,11 +141,52 @@ def test_the_default_diagnostics_are_the_engine_fed_by_the_step() -> None:
     torch.testing.assert_close(scalars["norm_ratio"], expected.norm_ratio, rtol=1e-5, atol=0.0)
 
 
-def test_a_recorder_must_have_a_record_method() -> None:
-    with pytest.raises(TypeError, match="`diagnostics` must be a bool or an object with a"):
+def test_a_monitor_of_ones_own_is_fed_as_the_default_engine() -> None:
+    """diagnostics=ConflictMonitor(): the same hook as diagnostics=True, names from the step."""
+
+    monitor = ConflictMonitor()
+    step = JacobianStep(UPGrad(), diagnostics=monitor)
+    default = JacobianStep(UPGrad(), diagnostics=True)
+    assert step.recorder is monitor
+    for current in (step, default):
+        model, losses = _losses()
+        current.backward(current.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}))
+        current.resolve(model.parameters())
+    assert isinstance(default.recorder, ConflictMonitor)
+    for engine in (monitor, default.recorder):
+        assert engine.step_count == 1
+        assert list(engine.report().gradient_norms) == ["seg", "depth", "edge"]
+    assert monitor.report() == default.recorder.report()
+
+
+class OldRecorder:
+    def record(self, gramian: Tensor, weights: Tensor, tasks: object, /) -> None:
+        raise AssertionError("never called")
+
+
+def test_a_recorder_must_have_the_record_method_of_the_protocol() -> None:
+    expected = r"`diagnostics` must be an object with a method `record\(gramian, weights=None"
+    with pytest.raises(TypeError, match=expected + ".*Found object"):
         JacobianStep("upgrad", diagnostics=object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="no weights to log"):
-        JacobianStep({"name": "trimmed_mean", "trim_number": 1}, diagnostics=True)
+    # A mismatch is named when the step is made, not at the first training step.
+    with pytest.raises(TypeError, match=expected + r".*OldRecorder with `record\(gramian, "):
+        JacobianStep("upgrad", diagnostics=OldRecorder())  # type: ignore[arg-type]
+
+
+def test_an_aggregator_without_weights_records_its_gramian_alone() -> None:
+    """TrimmedMean combines no rows: a recorder gets the Gramian of its Jacobian, no weights."""
+
+    monitor = ConflictMonitor()
+    step = JacobianStep({"name": "trimmed_mean", "trim_number": 1}, diagnostics=monitor)
+    model, losses = _losses()
+    step.backward(step.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}))
+    jacobian = torch.cat([p.jac.reshape(3, -1) for p in model.parameters()], dim=1)  # type: ignore[attr-defined]
+    step.resolve(model.parameters())
+    report = monitor.report()
+    assert list(report.gradient_norms) == ["seg", "depth", "edge"]
+    expected = jacobian.double().norm(dim=1)
+    assert list(report.gradient_norms.values()) == pytest.approx(expected.tolist(), rel=1e-6)
+    assert report.balance_ratio == 0.0  # no weights recorded
 
 
 def test_the_scaled_aggregator_is_built_once_per_scaler() -> None:

@@ -11,12 +11,18 @@ from collections.abc import Hashable, Sequence
 
 import pytest
 import torch
+import torch._dynamo.testing
 from torch import Tensor, nn
 
 from torchjd_golden import GABA, ExcessMTL, GCond, GCondWeighting, GoldenPendulum
 from torchjd_golden._kernels import gcond as gcond_kernel
 
-from ._asserts import assert_same_state, state_tensors
+from ._asserts import (
+    assert_equal_up_to_rounding,
+    assert_same_state,
+    assert_same_state_up_to_rounding,
+    state_tensors,
+)
 from ._inputs import conflicting_jacobian
 from ._methods import STATEFUL, Method, weighting_of
 
@@ -121,7 +127,7 @@ def _restricted_copy(method: Method, module: nn.Module, names: Sequence[str]) ->
     rows = torch.tensor([inner.known_tasks.index(name) for name in names])
     for buffer in inner._per_task_names:
         inner._buffers[buffer] = inner._buffers[buffer].index_select(0, rows)
-    inner._set_known_tasks(list(names), rows.device)
+    inner._known_tasks = list(names)
     return copy
 
 
@@ -280,3 +286,43 @@ def test_names_of_every_checkpointable_kind_round_trip() -> None:
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     assert resumed.known_tasks == tuple(names)
     assert all(isinstance(v, Tensor) for v in resumed.state_dict().values())
+
+
+def _first_named_aggregators() -> list[Method]:
+    """The first registry entry of each aggregator class that takes task names."""
+
+    first: dict[object, Method] = {}
+    for method in STATEFUL:
+        if method.is_aggregator and hasattr(method.factory, "tasks"):
+            first.setdefault(method.factory, method)
+    return list(first.values())
+
+
+# Fresh state built under the names, the same names (no new graph), a new order, a new task, an
+# absent one, and back.
+COMPILED_SCHEDULE = (("a", "b", "c"), ("a", "b", "c"), ("a", "b", "c"), ("c", "a", "b"))
+COMPILED_SCHEDULE += (("a", "d", "b", "c"), ("b", "d"), ("a", "b", "c"))
+
+
+@pytest.mark.parametrize("method", _first_named_aggregators(), ids=str)
+def test_named_tasks_trace_without_a_graph_break(method: Method) -> None:
+    """
+    The names are Python state: torch.compile(fullgraph=True) traces every call. Names equal to
+    the known ones reuse the graph; new names, a new order or absent tasks retrace (a new graph,
+    guarded on the names), and give the eager numbers and state.
+    """
+
+    eager, traced = method.make(), method.make()
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(traced, backend=counter, fullgraph=True)
+    graphs = []
+    for step, names in enumerate(COMPILED_SCHEDULE):
+        stat = method.input_of(torch.stack([_task_row(name, step) for name in names]))
+        eager.tasks = traced.tasks = list(names)  # type: ignore[assignment]
+        expected = method.step(eager, stat)
+        assert_equal_up_to_rounding(method.step(traced, stat, compiled), expected, m=len(names))
+        graphs.append(counter.frame_count)
+    assert graphs[2] == graphs[1]  # the same names: no new graph
+    assert_same_state_up_to_rounding(traced, eager, m=len(NAMES))
+    assert traced.known_tasks == eager.known_tasks == ("a", "b", "c", "d")  # type: ignore[union-attr]

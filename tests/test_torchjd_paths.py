@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.testing import assert_close
-from torchjd.aggregation import GramianWeightedAggregator
+from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 from torchjd.autogram import Engine
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
@@ -73,8 +73,12 @@ def test_jac_to_grad_after_backward(method: Method) -> None:
 
         _set_extra_inputs(method, oracle, losses)
         assert_close(_gradient(parameters), oracle(jacobian))
-        assert weights is not None
-        assert_close(weights, oracle_weights[-1])
+        if isinstance(aggregator, WeightedAggregator):  # the weights are the update's
+            assert weights is not None
+            assert_close(weights, oracle_weights[-1])
+            assert_close(weights @ jacobian, _gradient(parameters))
+        else:  # GCond: its momentum is no combination of the rows
+            assert weights is None
         model.zero_grad()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -53,6 +54,19 @@ def conflicting_fraction(normalized_gramian: Tensor) -> Tensor:
     return fraction
 
 
+def step_loss_ratio(losses: Tensor) -> Tensor:
+    r"""
+    The spread :math:`\max_k L_k / \max(\min_k L_k, 10^{-10})` of positive losses, or NaN when
+    the smallest loss is zero or negative: the ratio then measures nothing (a log-likelihood
+    loss is negative, a loss can reach zero), and dividing by the floor would give about
+    :math:`10^{10}`, as golden-pendulum-mtl does.
+    """
+
+    smallest = losses.min()
+    ratio = losses.max() / smallest.clamp(min=_MIN_LOSS)
+    return torch.where(smallest > 0.0, ratio, torch.nan)
+
+
 def adaptive_lambda_step(
     lam: Tensor,
     conflict_ema: Tensor,
@@ -63,14 +77,16 @@ def adaptive_lambda_step(
 ) -> tuple[Tensor, Tensor, Tensor]:
     r"""
     One update of ``AdaptiveLambda``'s state: returns the new :math:`(\lambda, c, r)` from the
-    old ones and this step's conflict ratio and largest-over-smallest loss ratio (``None`` keeps
-    :math:`r`). See :class:`AdaptiveGoldenPendulumWeighting` for the formulas.
+    old ones and this step's conflict ratio and largest-over-smallest loss ratio (``None``, or
+    NaN where :func:`step_loss_ratio` is undefined, keeps :math:`r`). See
+    :class:`AdaptiveGoldenPendulumWeighting` for the formulas.
     """
 
     decay = settings.ema_decay
     conflict_ema = decay * conflict_ema + (1.0 - decay) * conflict_ratio
     if loss_ratio is not None:
-        loss_ratio_ema = decay * loss_ratio_ema + (1.0 - decay) * loss_ratio
+        averaged = decay * loss_ratio_ema + (1.0 - decay) * loss_ratio
+        loss_ratio_ema = torch.where(loss_ratio.isnan(), loss_ratio_ema, averaged)
     drift = settings.sensitivity * (conflict_ema - settings.conflict_target) * 0.1
     lam = lam * torch.exp(drift)
     if settings.loss_ratio_aware:
@@ -110,6 +126,15 @@ class AdaptiveGoldenPendulumWeighting(
     with :math:`\beta` = ``ema_decay``, :math:`s` = ``sensitivity`` and :math:`c^\ast` =
     ``conflict_target``; :math:`c` starts at :math:`c^\ast`, :math:`r` at 1 and :math:`\lambda` at
     ``lam_init``. With one task the raw gradient is returned and the state is left alone.
+
+    **Non-positive losses.** The loss ratio is defined for positive losses: at a step whose
+    smallest loss is zero or negative (a log-likelihood, a loss that reaches zero), :math:`r`
+    keeps its value and :math:`\lambda` follows the conflicts alone, on every device and
+    without a warning (a check would read the losses on the host). golden-pendulum-mtl divides
+    by :math:`10^{-10}` instead, which drives :math:`r` to about :math:`10^{10}` and
+    :math:`\lambda` to ``lam_max``; its drop-in
+    (:class:`torchjd_golden.golden_pendulum.pro.AdaptiveLambda`) keeps that. For losses that can
+    be negative, ``loss_ratio_aware=False`` says so.
 
     The per-task losses :math:`L_k` of the step are an extra input: set :attr:`losses` before each
     call (they are used once). They may be omitted when ``loss_ratio_aware=False``; :math:`r` then
@@ -359,17 +384,17 @@ class AdaptiveGoldenPendulumWeighting(
         finite = all_finite(working)
 
         conflict_ratio = conflicting_fraction(normalized)
-        loss_ratio = None
+        ratio = None
         if losses is not None:
             losses = losses.to(device=working.device, dtype=torch.float64)
             finite = finite & all_finite(losses)
-            loss_ratio = losses.max() / losses.min().clamp(min=_MIN_LOSS)
+            ratio = self._step_loss_ratio(losses)
         lam, conflict_ema, loss_ratio_ema = adaptive_lambda_step(
             self.lam,
             self.conflict_ema,
             self.loss_ratio_ema,
             conflict_ratio,
-            loss_ratio,
+            ratio,
             self._lambda_settings(),
         )
 
@@ -387,6 +412,11 @@ class AdaptiveGoldenPendulumWeighting(
             step_count=self.step_count + 1,
         )
         return nan_unless(finite, weights).to(gramian.dtype)
+
+    @staticmethod
+    def _step_loss_ratio(losses: Tensor) -> Tensor:
+        """The loss ratio of a step (golden-pendulum-mtl's drop-in has the reference's)."""
+        return step_loss_ratio(losses)
 
     def __repr__(self) -> str:
         return (
@@ -408,6 +438,9 @@ class AdaptiveGoldenPendulum(GramianAggregator, Stateful, NonDifferentiable):
     """
 
     gramian_weighting: AdaptiveGoldenPendulumWeighting
+    _weighting_class: ClassVar[type[AdaptiveGoldenPendulumWeighting]] = (
+        AdaptiveGoldenPendulumWeighting
+    )
 
     def __init__(
         self,
@@ -423,7 +456,7 @@ class AdaptiveGoldenPendulum(GramianAggregator, Stateful, NonDifferentiable):
         pcgrad: bool = True,
     ) -> None:
         super().__init__(
-            AdaptiveGoldenPendulumWeighting(
+            self._weighting_class(
                 lam_init=lam_init,
                 lam_min=lam_min,
                 lam_max=lam_max,

@@ -29,7 +29,7 @@ class GramianAggregator(GramianWeightedAggregator):
         self.weighting = weighting_of_matrix(gramian_weighting, gramian_of)
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
-        return _checked_call(self, matrix)
+        return checked_call(self, matrix)
 
     @staticmethod
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
@@ -64,7 +64,7 @@ class MatrixAggregator(WeightedAggregator):
     """:class:`~torchjd.aggregation.WeightedAggregator` giving an output in the Jacobian's dtype."""
 
     def __call__(self, matrix: Tensor, /) -> Tensor:
-        return _checked_call(self, matrix)
+        return checked_call(self, matrix)
 
     @staticmethod
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
@@ -83,7 +83,9 @@ def _with_parameters_of(aggregator: Aggregator, weighting: Weighting[Any]) -> st
     return f"{type(aggregator).__name__}{parameters}"
 
 
-def _checked_call(aggregator: Aggregator, matrix: Tensor) -> Tensor:
+def checked_call(aggregator: Aggregator, matrix: Tensor) -> Tensor:
+    """``aggregator(matrix)``, after the input checks of this package's aggregators."""
+
     # Before torchjd's own check, which assumes a tensor; the Gramian would hide an empty Jacobian.
     check_input(matrix, aggregator, gramian=False)
     return Aggregator.__call__(aggregator, matrix)

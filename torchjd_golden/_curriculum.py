@@ -12,7 +12,7 @@ per-task state follows the tasks by name across phases.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,9 +96,9 @@ class Curriculum:
     ``jac_to_grad`` with one aggregator for every phase.
 
     Entering a phase (on the first :meth:`backward`, then in the :meth:`step` that ends the
-    previous one) sets ``requires_grad`` of the backbone's parameters to ``not
-    freeze_backbone``, sets the aggregator's ``lam`` and ``pcgrad`` to the phase's where it has
-    those properties (:class:`~torchjd_golden.GoldenPendulum`,
+    previous one, and in :meth:`load_state_dict`) sets ``requires_grad`` of the backbone's
+    parameters to ``not freeze_backbone``, sets the aggregator's ``lam`` and ``pcgrad`` to the
+    phase's where it has those properties (:class:`~torchjd_golden.GoldenPendulum`,
     :class:`~torchjd_golden.DynamicK`; an adaptive :math:`\lambda` is left to adapt), sets the
     optimizer's learning rate, and calls ``on_enter(model, phase)``. Each :meth:`backward` tells
     the aggregator the names of the phase's tasks present in the batch (``aggregator.tasks``,
@@ -108,6 +108,14 @@ class Curriculum:
     With an optimizer, every parameter group's learning rate is the phase's, rising linearly
     during its warm-up (:meth:`Phase.learning_rate`): it is set on entering a phase and after
     each :meth:`step`, so it is right for the next ``optimizer.step()``.
+
+    **Task names are checked**, so that a phase naming a task no loss carries (``"vol"`` for
+    ``"volatility"``) cannot silently leave it untrained. By default every :meth:`backward`
+    must give a loss for each of the phase's tasks (losses of other tasks are left out, as they
+    belong to other phases). Where a batch may lack a task's loss (a missing label), name every
+    task the losses may carry with ``tasks=``: the phases are checked against it when the
+    curriculum is made, a loss of another name raises, and a phase's task absent from a batch
+    is left out of that step (a batch with none of the phase's tasks gives no gradient).
 
     .. testcode::
 
@@ -152,6 +160,9 @@ class Curriculum:
     :param backbone: The parameters frozen by ``freeze_backbone``: a module, parameters, or a
         function of the model returning them (as the reference's ``backbone_params``).
     :param optimizer: An optimizer whose learning rate follows the phases, or ``None``.
+    :param tasks: The name of every task the losses may carry, for batches that lack some
+        tasks' losses (missing labels); every phase's tasks must be among them. ``None``: each
+        :meth:`backward` must give a loss for each of the phase's tasks.
     """
 
     def __init__(
@@ -162,6 +173,7 @@ class Curriculum:
         model: nn.Module | None = None,
         backbone: BackboneSpec | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        tasks: Collection[Hashable] | None = None,
     ) -> None:
         if isinstance(phases, Phase) or not phases:
             raise ValueError(
@@ -171,6 +183,7 @@ class Curriculum:
             if not isinstance(phase, Phase):
                 raise ValueError(f"Parameter `phases` must hold `Phase` objects. Found {phase!r}.")
         self.phases = list(phases)
+        self.tasks = _known_tasks(tasks, self.phases)
         self.aggregator = GoldenPendulum() if aggregator is None else aggregator
         self.model = model
         self.optimizer = optimizer
@@ -193,13 +206,16 @@ class Curriculum:
         model: nn.Module | None = None,
         backbone: BackboneSpec | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        tasks: Collection[Hashable] | None = None,
     ) -> Curriculum:
         """The curriculum of the phases of the preset ``name`` (see :func:`get_preset`)."""
 
         from ._presets import get_preset  # noqa: PLC0415 - the presets module imports Phase
 
         phases = get_preset(name).phases
-        return cls(phases, aggregator, model=model, backbone=backbone, optimizer=optimizer)
+        return cls(
+            phases, aggregator, model=model, backbone=backbone, optimizer=optimizer, tasks=tasks
+        )
 
     @property
     def current_phase(self) -> Phase:
@@ -302,12 +318,25 @@ class Curriculum:
 
         :returns: The weights of the tasks, by name (tensors on the device; empty when no loss
             of the phase's tasks is given, or for an aggregator without weights).
+        :raises TypeError: If ``losses`` is not a mapping by task name.
+        :raises ValueError: Without ``tasks``, if a task of the phase has no loss; with
+            ``tasks``, if a loss is of a task not among them (see the class docstring).
         """
 
         if self.is_complete:
             raise RuntimeError("The curriculum is complete: no phase is left to train.")
+        if not isinstance(losses, Mapping):
+            raise TypeError(
+                "Parameter `losses` must be a mapping from task name to loss, as the phases name "
+                f"their tasks (`dict(zip(names, losses))`). Found {type(losses).__name__}."
+            )
+        if self.model is None:  # before entering the phase, which freezes the model's backbone
+            raise ValueError(
+                "`Curriculum.backward` needs the model: pass `model=` or set `.model`."
+            )
         self.enter_phase()
         phase = self.current_phase
+        self._check_task_names(phase, losses)
         active = {name: loss for name, loss in losses.items() if name in phase.tasks}
         if not active:
             logger.warning(
@@ -317,10 +346,6 @@ class Curriculum:
                 sorted(map(str, losses)),
             )
             return {}
-        if self.model is None:
-            raise ValueError(
-                "`Curriculum.backward` needs the model: pass `model=` or set `.model`."
-            )
         names = tuple(active)
         stacked = torch.stack(list(active.values()))
         aggregator = self.aggregator
@@ -340,6 +365,24 @@ class Curriculum:
         if weights is None:
             return {}
         return dict(zip(names, weights.unbind(), strict=True))
+
+    def _check_task_names(self, phase: Phase, losses: Mapping[Hashable, Tensor]) -> None:
+        if self.tasks is None:
+            absent = [name for name in _names(phase.tasks) if name not in losses]
+            if absent:
+                raise ValueError(
+                    f"Phase {phase.name!r} trains {_names(phase.tasks)!r}, but no loss carries "
+                    f"{absent!r}: the losses are of {list(losses)!r}. Check the phase's task "
+                    "names; if some batches lack a task's loss, name every task with "
+                    "`Curriculum(..., tasks=...)`."
+                )
+            return
+        unknown = [name for name in losses if name not in self.tasks]
+        if unknown:
+            raise ValueError(
+                f"The losses carry {unknown!r}, which is not among the curriculum's tasks "
+                f"{list(self.tasks)!r}: check the losses' names, or add them to `tasks`."
+            )
 
     def step(self) -> bool:
         """
@@ -370,6 +413,7 @@ class Curriculum:
         """
 
         state: dict[str, Any] = {
+            "phases": self._phase_signature(),
             "phase_index": self._phase_index,
             "phase_step": self._phase_step,
             "global_step": self._global_step,
@@ -380,21 +424,78 @@ class Curriculum:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """
-        Resumes at the saved position: the next :meth:`backward` enters the phase again
-        (freezing, :math:`\\lambda`, learning rate and ``on_enter``, which may set up what a new
-        process lacks).
+        Resumes at the saved position and enters the phase again (freezing, :math:`\\lambda`,
+        learning rate and ``on_enter``, which may set up what a new process lacks): at once when
+        the curriculum has its model, else in the next :meth:`backward`.
+
+        Entering at once makes the first forward pass after resuming run with the phase's frozen
+        backbone, as the uninterrupted run's did (it entered the phase in the :meth:`step` before
+        it). A forward pass through a backbone frozen only afterwards gives the same gradients
+        through another graph, which some CPUs' BLAS kernels round differently.
+
+        :raises ValueError: If the checkpoint is of a curriculum with other phases (names or
+            numbers of steps), whose position would mean another point of training here.
         """
 
-        self._phase_index = int(state["phase_index"])
-        self._phase_step = int(state["phase_step"])
-        self._global_step = int(state["global_step"])
-        self._entered = False
+        saved = [(str(name), int(steps)) for name, steps in state.get("phases", ())]
+        if saved != self._phase_signature():
+            raise ValueError(
+                "The checkpoint is of a curriculum with other phases: it has "
+                f"{saved or 'none saved'}, this curriculum has {self._phase_signature()} "
+                "(name, steps). Resume it with the phases it was saved with."
+            )
+        self.resume_at(state["phase_index"], state["phase_step"], state["global_step"])
         if "aggregator" in state and isinstance(self.aggregator, nn.Module):
             self.aggregator.load_state_dict(state["aggregator"])
+        if self.model is not None and not self.is_complete:
+            self.enter_phase()
+
+    def resume_at(self, phase_index: int, phase_step: int, global_step: int) -> None:
+        """
+        Moves to step ``phase_step`` of phase ``phase_index`` (``global_step`` steps in all);
+        the next :meth:`backward` enters the phase again. :meth:`load_state_dict` checks the
+        phases first.
+        """
+
+        self._phase_index = check_int("phase_index", int(phase_index), low=0)
+        self._phase_step = check_int("phase_step", int(phase_step), low=0)
+        self._global_step = check_int("global_step", int(global_step), low=0)
+        self._entered = False
+
+    def _phase_signature(self) -> list[tuple[str, int]]:
+        return [(phase.name, phase.steps) for phase in self.phases]
 
     def __repr__(self) -> str:
         names = [phase.name for phase in self.phases]
         return f"{self.__class__.__name__}(phases={names!r}, aggregator={self.aggregator!r})"
+
+
+def _names(tasks: Collection[Hashable]) -> list[Hashable]:
+    """The names of ``tasks`` in a stable order for messages (a phase's tasks may be a set)."""
+
+    return sorted(tasks, key=str) if isinstance(tasks, Set) else list(tasks)
+
+
+def _known_tasks(
+    tasks: Collection[Hashable] | None, phases: Sequence[Phase]
+) -> tuple[Hashable, ...] | None:
+    """``tasks`` as a tuple, checked to hold every phase's tasks (``None`` stays ``None``)."""
+
+    if tasks is None:
+        return None
+    if isinstance(tasks, str) or not isinstance(tasks, Collection):
+        raise ValueError(
+            f"Parameter `tasks` must be a collection of task names. Found tasks={tasks!r}."
+        )
+    known = tuple(tasks)
+    for phase in phases:
+        unknown = [name for name in _names(phase.tasks) if name not in known]
+        if unknown:
+            raise ValueError(
+                f"Phase {phase.name!r} trains {unknown!r}, which is not among the tasks "
+                f"{list(known)!r}: check the phase's task names."
+            )
+    return known
 
 
 def _parameters(source: nn.Module | Iterable[Tensor]) -> list[Tensor]:

@@ -12,19 +12,18 @@ as tensors on its device until a report, the alerts or the summary are read.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from torchjd.aggregation import GramianWeightedAggregator, WeightedAggregator
 
 from ._golden_pendulum import golden_ratio_weights
-from ._monitoring import conflict_statistics, hook_alpha, hook_gramian
+from ._monitoring import conflict_statistics
+from ._recorder import hook_recorder
 from ._tasks import NamedTasks, check_task_names
-from ._torchjd_compat import GramianWeightingBase
 from ._validation import check_bool, check_int, check_real
 
 # As the reference: gradients are divided by max(norm, 1e-8), the smallest norm is clamped at
@@ -106,14 +105,24 @@ class ConflictMonitor(NamedTasks):
     the aggregator computed and the weights of that call (the QP solution ``alpha`` for the
     Golden Pendulum family and :class:`~torchjd_golden.DynamicK`, the returned weights
     otherwise). For an aggregator of the Jacobian itself (ExcessMTL, GCond, torchjd's
-    ``WeightedAggregator``) the Gramian is computed from the Jacobian, at :math:`O(m^2 n)`. Or
+    ``WeightedAggregator``) the Gramian is computed from the Jacobian, at :math:`O(m^2 n)`; an
+    aggregator without weights (:class:`~torchjd_golden.GCond`, whose update carries momentum)
+    records its Gramian only. Or
     call :meth:`record` with a Gramian (and weights), and :meth:`record_weights` for weights
     alone, as the reference's ``analyze`` and ``record_weights``. Attached to
     :class:`~torchjd_golden.DynamicK`, the monitor sees the Gramian blocks it computes (cosines
     between groups read 0, except on regrouping calls).
 
-    **Task names** come from the ``tasks`` argument of a record, else :attr:`tasks`, else the
-    hooked weighting's ``tasks``, else the row indices.
+    ``record(gramian, weights=None, *, tasks=None)`` is the contract of every recorder: the
+    trainers' ``diagnostics=`` takes this monitor or any object with that method, and the hook
+    that :meth:`attach` registers is the one they use. The hook is an object, not a closure:
+    an aggregator (or a model holding one) with a monitor attached can be pickled, deep-copied
+    and saved whole with ``torch.save``, and the copy records into its own copy of the
+    monitor.
+
+    **Task names** come from the ``tasks`` argument of a record (attached, the aggregator's
+    ``tasks``, or the training step's task names in the trainers), else :attr:`tasks`, else the
+    row indices.
 
     .. testcode::
 
@@ -189,29 +198,11 @@ class ConflictMonitor(NamedTasks):
     def attach(self, aggregator: nn.Module) -> RemovableHandle:
         """
         Records every call of ``aggregator`` (a torchjd ``WeightedAggregator``, ours included, or
-        a Gramian weighting). Returns the hook's handle: ``handle.remove()`` detaches it.
+        a Gramian weighting) through a :class:`~torchjd_golden._recorder.RecordingHook`, the hook
+        every recorder shares. Returns the hook's handle: ``handle.remove()`` detaches it.
         """
 
-        if isinstance(aggregator, GramianWeightedAggregator):
-            return self._hook(aggregator.gramian_weighting, gramian_input=True)
-        if isinstance(aggregator, GramianWeightingBase):
-            return self._hook(aggregator, gramian_input=True)
-        if isinstance(aggregator, WeightedAggregator):
-            return self._hook(aggregator.weighting, gramian_input=False)
-        raise ValueError(
-            "`ConflictMonitor.attach` takes a torchjd WeightedAggregator or a Gramian weighting. "
-            f"Found {type(aggregator).__name__}; call `record` with the Gramian instead."
-        )
-
-    def _hook(self, weighting: nn.Module, *, gramian_input: bool) -> RemovableHandle:
-        def record_call(module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor) -> None:
-            alpha = hook_alpha(module, weights)
-            chosen = weights if alpha is None else alpha
-            tasks = getattr(module, "tasks", None) if self._tasks is None else None
-            self.record(hook_gramian(inputs, gramian_input), chosen.detach(), tasks=tasks)
-
-        hook: Callable[..., None] = record_call
-        return weighting.register_forward_hook(hook)
+        return hook_recorder(aggregator, self)
 
     def record_weights(
         self,

@@ -9,11 +9,11 @@ the Gramian (one per group), and :class:`DynamicK` only computes those.
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import Tensor
@@ -34,8 +34,10 @@ from ._gramian import (
     compute_gramian,
     nan_unless,
     normalize_gramian,
+    overflowed,
 )
-from ._tasks import NamedTasks, TaskNames
+from ._state import LazyState, decoded_task_names
+from ._tasks import NamedTasks, TaskNames, check_task_names
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
 from ._validation import check_bool, check_input, check_int, check_real
 
@@ -68,8 +70,9 @@ class TaskGroup:
     last: give a list to choose the order, or a set to have them sorted by name (as the
     reference does).
 
-    :param name: The group's name.
-    :param tasks: The names of its tasks (distinct, hashable).
+    :param name: The group's name (not ``"_ungrouped"``, the catch-all group's).
+    :param tasks: The names of its tasks: a list or a set of distinct strings or integers (or
+        tuples of them), as :attr:`DynamicKWeighting.tasks`.
     :param lam: Its own :math:`\lambda`, or ``None`` for the weighting's.
     """
 
@@ -80,8 +83,15 @@ class TaskGroup:
     def __init__(self, name: str, tasks: Iterable[Hashable] = (), lam: float | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"Attribute `name` must be a non-empty string. Found name={name!r}.")
+        if isinstance(tasks, str | bytes):
+            raise ValueError(
+                f"Attribute `tasks` of a task group must be a list or a set of task names, not the "
+                f"string {tasks!r}, which would make a group of its characters. For one task, "
+                f"write TaskGroup({name!r}, [{tasks!r}])."
+            )
         ordered = ordered_names(tasks)
         _check_distinct("tasks", ordered)
+        check_task_names(list(ordered))  # the names a call's rows can have, which checkpoints carry
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "tasks", ordered)
         object.__setattr__(self, "lam", None if lam is None else check_real("lam", lam, low=0.0))
@@ -116,8 +126,36 @@ class _Block:
     rows: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class _StepCountBounds:
+    """
+    What the host knows of the step count buffer without reading it: it lies in
+    ``[low, high]`` (``high`` is ``None`` when nothing is known). A call counts a step only when
+    it is finite, which the host does not read: it widens the interval instead, and reads the
+    buffer only when a multiple of ``regroup_every`` falls inside it.
+    """
+
+    low: int = 0
+    high: int | None = 0
+
+    @property
+    def exact(self) -> bool:
+        return self.high == self.low
+
+    def may_reach_multiple(self, every: int) -> bool:
+        """Whether the count may be a multiple of ``every``."""
+        return self.high is None or -(-self.low // every) * every <= self.high
+
+    def after_call(self, finite: bool | None) -> _StepCountBounds:
+        """The bounds after a call, whose step is finite, not finite or unknown (``None``)."""
+        if finite is None:  # counted or not: only the upper bound moves
+            return _StepCountBounds(self.low, None if self.high is None else self.high + 1)
+        step = int(finite)
+        return _StepCountBounds(self.low + step, None if self.high is None else self.high + step)
+
+
 class DynamicKWeighting(
-    GoldenPendulumParameters, NamedTasks, GramianWeightingBase, Stateful, NonDifferentiable
+    GoldenPendulumParameters, GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable
 ):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
@@ -139,35 +177,44 @@ class DynamicKWeighting(
         w_k = \beta_p / \max(\|J_k\|, 10^{-8}) \ \text{for a group of one task,}
 
     and the normalised-gradient weights :math:`\alpha_k = \beta_p \alpha^{(p)}_k` (or
-    :math:`\beta_p`) sum to one (:attr:`alpha`). A task listed in several groups takes part in
-    each, and its weights from them add up. With one row in all, the weight is 1 (the raw
-    gradient, as :class:`GoldenPendulum`).
+    :math:`\beta_p`) sum to one (:attr:`alpha`). A task is in one group at most: groups that
+    share a task, a group named ``"_ungrouped"`` and :meth:`add_task` of a task that another
+    group holds are refused. With one row in all, the weight is 1 (the raw gradient, as
+    :class:`GoldenPendulum`).
 
     **Cost.** Only the blocks :math:`G_{pp}` are read: :math:`\sum_p k_p^2` inner products of
     gradients instead of :math:`K^2`, which :class:`DynamicK` exploits by computing only those
     blocks. Conflicts *between* groups are therefore not resolved. With
     ``pcgrad_across_groups=True`` the weighting does what the reference does instead: the QPs
     run without PCGrad, then PCGrad runs over all normalised gradients with priorities
-    :math:`\alpha`, so the full Gramian is read, and :math:`w = S C^\top \alpha` (a task in
-    several groups then takes the weight of the last one, and :math:`\alpha` is renormalised,
-    also as the reference).
+    :math:`\alpha`, so the full Gramian is read, and :math:`w = S C^\top \alpha`.
 
-    **Automatic groups.** With ``auto_group``, every ``regroup_every`` calls (and whenever there is
-    no group) the tasks of the call are grouped greedily by cosine similarity, as the reference
-    does: in row order, a task starts a group, and each later ungrouped task joins it if its
-    cosine with every member is at least ``similarity_threshold``. These groups are named
-    ``auto_group_0, ...`` and list their tasks sorted. A regrouping call reads the full Gramian and
-    copies its cosines to the host once; the other calls only read the blocks and never
-    synchronise. A non-finite Gramian gives NaN weights and does not regroup.
+    **Automatic groups.** With ``auto_group``, whenever the number of steps is a multiple of
+    ``regroup_every`` (and whenever there is no group) the tasks of the call are grouped greedily
+    by cosine similarity, as the reference does: in row order, a task starts a group, and each
+    later ungrouped task joins it if its cosine with every member is at least
+    ``similarity_threshold``. These groups are named ``auto_group_0, ...`` and list their tasks
+    sorted. A regrouping call reads the full Gramian and copies its cosines to the host once. The
+    other calls read only the blocks and do not synchronise, except that the host reads the step
+    count where a regrouping may be due and it cannot tell without it: once in each regrouping
+    call (from the second on), and after non-finite steps, which it does not see, once in each
+    call from the one that would have regrouped without them to the one that does. Without
+    ``auto_group`` no call synchronises.
 
-    **State.** The groups (changed by regrouping, :meth:`add_task` and :meth:`remove_task`), the
-    task names and the number of calls travel in ``state_dict`` (as extra state of plain Python
-    values, so ``torch.load(weights_only=True)`` reads it, for names that are strings or numbers)
-    and :meth:`reset` restores the groups given at construction.
+    **State.** The buffers ``alpha`` (the last finite call's, empty before any call) and
+    ``step_count`` (the number of finite steps), the groups (changed by regrouping,
+    :meth:`add_task` and :meth:`remove_task`) and :attr:`tasks` travel in ``state_dict`` (the
+    groups and names as the module's extra state, a tensor of their JSON, so that
+    ``torch.load(weights_only=True)`` reads it). A non-finite Gramian gives NaN weights and
+    leaves all of it as it was: it counts no step, does not regroup and keeps :attr:`alpha`
+    (unless its number of tasks differs from the last call's: :attr:`alpha` is then NaN).
+    Without task names, a change of :math:`m` resets the state with a warning, as
+    :meth:`reset` does: the count restarts and the groups are the configured ones (those given
+    at construction or last set through :attr:`groups`).
 
     :param groups: The groups (:class:`TaskGroup`, or mappings of their fields), or ``None``.
     :param auto_group: Whether to find the groups by gradient similarity.
-    :param regroup_every: Number of calls between two regroupings.
+    :param regroup_every: Number of steps between two regroupings.
     :param similarity_threshold: The cosine a task needs with every member to join a group.
     :param lam: :math:`\lambda` of the groups that have none.
     :param n_iter: Number of projected-gradient steps of each QP.
@@ -177,6 +224,14 @@ class DynamicKWeighting(
     :param pcgrad_across_groups: Whether PCGrad runs over all tasks with the hierarchical
         weights, as the reference (reads the full Gramian), instead of within each group.
     """
+
+    _state_names = ("alpha", "step_count")
+    _keeps_state_dtype = True  # alpha is the last call's solution: nothing averages it
+    # Whether a task may be in several groups (golden-pendulum-mtl's drop-in allows it, as the
+    # reference does; see golden_pendulum.pro.dynamic_k).
+    _shared_tasks_allowed: ClassVar[bool] = False
+    alpha: Tensor
+    step_count: Tensor
 
     def __init__(
         self,
@@ -191,8 +246,9 @@ class DynamicKWeighting(
         pcgrad_across_groups: bool = False,
     ) -> None:
         super().__init__()
-        self._initial_groups = _checked_groups(groups or ())
-        self.groups = self._initial_groups
+        self._register_state()
+        self._count = _StepCountBounds()
+        self.groups = groups or ()
         self.auto_group = auto_group
         self.regroup_every = regroup_every
         self.similarity_threshold = similarity_threshold
@@ -201,18 +257,20 @@ class DynamicKWeighting(
         self.min_weight_fraction = min_weight_fraction
         self.pcgrad = pcgrad
         self.pcgrad_across_groups = pcgrad_across_groups
-        self.step_count = 0
-        self.alpha: Tensor | None = None
         self.active_groups: tuple[TaskGroup, ...] = ()
 
     @property
     def groups(self) -> tuple[TaskGroup, ...]:
-        """The current groups (the constructor's, or the ones found by the last regrouping)."""
+        """
+        The current groups: the configured ones (given at construction or set here, which
+        :meth:`reset` restores), changed by regrouping, :meth:`add_task` and :meth:`remove_task`.
+        """
         return self._groups
 
     @groups.setter
     def groups(self, value: Sequence[GroupSpec]) -> None:
-        self._groups = _checked_groups(value)
+        self._configured_groups = self._checked_groups(value)
+        self._groups = self._configured_groups
 
     @property
     def auto_group(self) -> bool:
@@ -222,10 +280,12 @@ class DynamicKWeighting(
     @auto_group.setter
     def auto_group(self, value: bool) -> None:
         self._auto_group = check_bool("auto_group", value)
+        # Without auto_group the calls do not follow the count on the host: read it when needed.
+        self._count = _StepCountBounds(0, None)
 
     @property
     def regroup_every(self) -> int:
-        """Number of calls between two regroupings."""
+        """Number of steps between two regroupings."""
         return self._regroup_every
 
     @regroup_every.setter
@@ -268,7 +328,10 @@ class DynamicKWeighting(
         return {group.name: w for group, w in zip(self.active_groups, weights, strict=True)}
 
     def add_task(self, task: Hashable, group: str) -> None:
-        """Adds ``task`` at the end of the group named ``group`` (a new group if none is)."""
+        """
+        Adds ``task`` at the end of the group named ``group`` (a new group if none is). A task
+        that another group holds is refused: take it out with :meth:`remove_task` first.
+        """
 
         groups = list(self._groups)
         for index, existing in enumerate(groups):
@@ -278,7 +341,7 @@ class DynamicKWeighting(
                 break
         else:
             groups.append(TaskGroup(group, (task,)))
-        self._groups = tuple(groups)
+        self._groups = self._checked_groups(groups)
 
     def remove_task(self, task: Hashable) -> None:
         """Removes ``task`` from every group (a group left empty stays, and is skipped)."""
@@ -288,17 +351,48 @@ class DynamicKWeighting(
         )
 
     def reset(self) -> None:
-        """Restores the groups given at construction and forgets the number of calls."""
+        """Restores the configured groups and forgets the steps and :attr:`alpha`."""
 
-        self._groups = self._initial_groups
-        self.step_count = 0
-        self.alpha = None
+        super().reset()
+        self._restart()
+
+    def _restart(self) -> None:
+        self._groups = self._configured_groups
+        self._count = _StepCountBounds()
         self.active_groups = ()
 
-    def regroups_next_call(self) -> bool:
-        """Whether the next call finds new groups (and so reads the full Gramian)."""
+    def _build(
+        self, sizes: tuple[int, ...], like: Tensor, names: tuple[Hashable, ...] | None
+    ) -> None:
+        if self._has_state:  # a reset (new task count, or a state made on the meta device)
+            self._restart()
+        super()._build(sizes, like, names)
+        self._count = _StepCountBounds()
 
-        return self.auto_group and (self.step_count % self.regroup_every == 0 or not self._groups)
+    def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
+        (n_tasks,) = sizes
+        return {
+            # The targets the QPs start from, as AdaptiveGoldenPendulum's alpha before any step.
+            "alpha": golden_ratio_weights(
+                n_tasks, device=like.device, dtype=accumulation_dtype(like.dtype)
+            ),
+            "step_count": torch.zeros((), dtype=torch.int64, device=like.device),
+        }
+
+    def regroups_next_call(self) -> bool:
+        """
+        Whether the next call finds new groups (and so reads the full Gramian). With
+        ``auto_group``, this may read the step count on the host (see the class's docstring).
+        """
+
+        if not self.auto_group:
+            return False
+        if not self._groups or not self._has_state or self._state_without_values:
+            return True  # (no step yet, or none that a state without values can tell)
+        if not self._count.exact and self._count.may_reach_multiple(self.regroup_every):
+            count = int(self.step_count)  # the one host read of the schedule
+            self._count = _StepCountBounds(count, count)
+        return self._count.exact and self._count.low % self.regroup_every == 0
 
     def gramian_blocks(self, n_tasks: int) -> list[list[int]] | None:
         """
@@ -314,26 +408,35 @@ class DynamicKWeighting(
     def forward(self, gramian: PSDMatrix, /) -> Tensor:
         check_input(gramian, self, gramian=True)
         m = gramian.shape[0]
-        names = self._row_names(m)
         working = gramian.to(accumulation_dtype(gramian.dtype))
+        self._ensure_state((m,), working)
+        names = self._row_names(m)
+        finite = all_finite(working)
+        regrouped: bool | None = None  # (None: no regrouping, the host did not read finite)
+        if m > 1 and working.device.type != "meta" and self.regroups_next_call():
+            regrouped = self._regroup(working, names)
         if m == 1:
-            self.step_count += 1
-            self.alpha = torch.ones_like(working[0])
+            alpha = torch.ones_like(working[0])
+            weights = alpha
             self.active_groups = (TaskGroup(CATCH_ALL, names),)
-            return nan_unless(all_finite(working), self.alpha).to(gramian.dtype)
-        if self.regroups_next_call():
-            self._regroup(working, names)
-        blocks = self._blocks(names)
-        self.step_count += 1
-        self.active_groups = tuple(
-            TaskGroup(b.group.name, [names[r] for r in b.rows], b.group.lam) for b in blocks
-        )
-        if self.pcgrad_across_groups:
-            weights, alpha = self._weights_with_global_pcgrad(working, blocks)
         else:
-            weights, alpha = self._weights_within_groups(working, blocks)
-        self.alpha = alpha
-        return nan_unless(all_finite(working), weights).to(gramian.dtype)
+            blocks = self._blocks(names)
+            self.active_groups = tuple(
+                TaskGroup(b.group.name, [names[r] for r in b.rows], b.group.lam) for b in blocks
+            )
+            if self.pcgrad_across_groups:
+                weights, alpha = self._weights_with_global_pcgrad(working, blocks)
+            else:
+                weights, alpha = self._weights_within_groups(working, blocks)
+
+        if self.alpha.shape != alpha.shape:  # named tasks came or went: the last call's solution
+            with torch.inference_mode(False):  # a normal tensor, that later calls update in place
+                self.alpha = nan_unless(finite, alpha).to(self.alpha.dtype)
+        self._commit(finite, alpha=alpha, step_count=self.step_count + 1)
+        if self.auto_group:  # (only then: a Python number changing every call would make
+            # torch.compile recompile)
+            self._count = self._count.after_call(regrouped)
+        return nan_unless(finite, weights).to(gramian.dtype)
 
     def _row_names(self, m: int) -> tuple[Hashable, ...]:
         names = self._call_tasks(m)
@@ -352,12 +455,17 @@ class DynamicKWeighting(
             blocks.append(_Block(TaskGroup(CATCH_ALL), tuple(row_of[t] for t in ungrouped)))
         return blocks
 
-    def _regroup(self, gramian: Tensor, names: tuple[Hashable, ...]) -> None:
+    def _regroup(self, gramian: Tensor, names: tuple[Hashable, ...]) -> bool:
+        """Groups the tasks by their cosines if ``gramian`` is finite; returns whether it is."""
+
         cosine, _ = normalize_gramian(gramian, min_norm=_MIN_NORM)
-        values = cosine.tolist()  # the one host read of a regrouping call
-        if not all(math.isfinite(v) for row in values for v in row):
-            return
-        unassigned = list(range(len(names)))
+        finite = all_finite(gramian).to(cosine.dtype).reshape(1)
+        read = torch.cat([finite, cosine.flatten()]).tolist()  # the one host read of a regrouping
+        if not read[0]:
+            return False
+        m = len(names)
+        values = [read[1 + i * m : 1 + (i + 1) * m] for i in range(m)]
+        unassigned = list(range(m))
         groups: list[TaskGroup] = []
         while unassigned:
             members = [unassigned.pop(0)]
@@ -368,6 +476,7 @@ class DynamicKWeighting(
             tasks = {names[i] for i in members}
             groups.append(TaskGroup(f"auto_group_{len(groups)}", tasks))
         self._groups = tuple(groups)
+        return True
 
     def _solve_block(self, gramian: Tensor, block: _Block, pcgrad: bool) -> tuple[Tensor, Tensor]:
         """Golden Pendulum on the block of ``gramian``: weights on its rows and QP solution."""
@@ -389,8 +498,8 @@ class DynamicKWeighting(
         for beta, block in zip(betas, blocks, strict=True):
             block_weights, block_alpha = self._solve_block(gramian, block, self.pcgrad)
             index = torch.tensor(block.rows, device=gramian.device)
-            weights.index_add_(0, index, beta * block_weights)
-            alpha.index_add_(0, index, beta * block_alpha)
+            weights.index_copy_(0, index, beta * block_weights)
+            alpha.index_copy_(0, index, beta * block_alpha)
         return weights, alpha
 
     def _weights_with_global_pcgrad(
@@ -401,26 +510,77 @@ class DynamicKWeighting(
         for beta, block in zip(betas, blocks, strict=True):
             _, block_alpha = self._solve_block(gramian, block, pcgrad=False)
             index = torch.tensor(block.rows, device=gramian.device)
-            alpha.index_copy_(0, index, beta * block_alpha)  # the reference: the last group wins
+            # A task in several groups (the drop-in's) takes the last one's, as the reference.
+            alpha.index_copy_(0, index, beta * block_alpha)
         alpha = alpha / alpha.sum()
         normalized, inverse_norms = normalize_gramian(gramian, min_norm=_MIN_NORM)
         return pendulum_weights(normalized, inverse_norms, alpha, self.pcgrad), alpha
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
+    def _checked_groups(self, groups: Sequence[GroupSpec]) -> tuple[TaskGroup, ...]:
+        if isinstance(groups, TaskGroup | Mapping | str):
+            raise ValueError(
+                f"Attribute `groups` must be a sequence of task groups. Found {groups!r}."
+            )
+        checked = tuple(TaskGroup.of(group) for group in groups)
+        _check_distinct("groups", [group.name for group in checked])
+        if any(group.name == CATCH_ALL for group in checked):
+            raise ValueError(
+                f"Attribute `groups` must not hold a group named {CATCH_ALL!r}, the name of the "
+                "group of the tasks that no group lists. Rename it."
+            )
+        if not self._shared_tasks_allowed:
+            _check_disjoint(checked)
+        return checked
+
+    def get_extra_state(self) -> Tensor:
+        # JSON in a uint8 tensor: every value of the state_dict is a tensor, as the buffers.
+        state = {
             "groups": [[g.name, list(g.tasks), g.lam] for g in self._groups],
             "tasks": None if self._tasks is None else list(self._tasks),
-            "step_count": self.step_count,
         }
+        return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self._groups = tuple(TaskGroup(name, tasks, lam) for name, tasks, lam in state["groups"])
-        self.tasks = state["tasks"]
-        self.step_count = int(state["step_count"])
+    def set_extra_state(self, state: Tensor) -> None:
+        if not isinstance(state, Tensor):
+            raise ValueError(  # (unreleased versions kept the count as a Python number)
+                f"This checkpoint of `{self.__class__.__name__}` holds its groups, task names and "
+                "number of calls as plain values, without the state buffers: it was written "
+                "before the state moved to buffers and cannot be resumed. Set `groups` and "
+                f"`tasks` from it by hand: {state!r}."
+            )
+        decoded = json.loads(bytes(state.tolist()))
+        self._groups = self._checked_groups(
+            [
+                TaskGroup(name, decoded_task_names(tasks), lam)
+                for name, tasks, lam in decoded["groups"]
+            ]
+        )
+        self.tasks = None if decoded["tasks"] is None else decoded_task_names(decoded["tasks"])
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if prefix + "step_count" in state_dict and prefix + "_extra_state" not in state_dict:
+            error_msgs.append(  # a count without its groups would regroup on a wrong schedule
+                f"The state of `{self.__class__.__name__}` is all or nothing: the checkpoint lacks "
+                f"{prefix}_extra_state (the groups and task names). Load a whole state_dict, or "
+                "none (and call reset())."
+            )
+        self._count = _StepCountBounds(0, None)  # read from the loaded buffer when needed
 
     def __repr__(self) -> str:
         return (
-            f"{self.__class__.__name__}(groups={list(self._initial_groups)!r}, "
+            f"{self.__class__.__name__}(groups={list(self._configured_groups)!r}, "
             f"auto_group={self.auto_group!r}, regroup_every={self.regroup_every!r}, "
             f"similarity_threshold={self.similarity_threshold!r}, lam={self.lam!r}, "
             f"n_iter={self.n_iter!r}, min_weight_fraction={self.min_weight_fraction!r}, "
@@ -428,12 +588,17 @@ class DynamicKWeighting(
         )
 
 
-def _checked_groups(groups: Sequence[GroupSpec]) -> tuple[TaskGroup, ...]:
-    if isinstance(groups, TaskGroup | Mapping | str):
-        raise ValueError(f"Attribute `groups` must be a sequence of task groups. Found {groups!r}.")
-    checked = tuple(TaskGroup.of(group) for group in groups)
-    _check_distinct("groups", [group.name for group in checked])
-    return checked
+def _check_disjoint(groups: Sequence[TaskGroup]) -> None:
+    owner: dict[Hashable, str] = {}
+    for group in groups:
+        for task in group.tasks:
+            if task in owner:
+                raise ValueError(
+                    f"Attribute `groups` must give each task one group at most, but task {task!r} "
+                    f"is in groups {owner[task]!r} and {group.name!r}. Take it out of one (with "
+                    "`remove_task` to move it)."
+                )
+            owner[task] = group.name
 
 
 class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
@@ -472,7 +637,7 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
 
     :param groups: The groups (:class:`TaskGroup`, or mappings of their fields), or ``None``.
     :param auto_group: Whether to find the groups by gradient similarity.
-    :param regroup_every: Number of calls between two regroupings.
+    :param regroup_every: Number of steps between two regroupings.
     :param similarity_threshold: The cosine a task needs with every member to join a group.
     :param lam: :math:`\lambda` of the groups that have none.
     :param n_iter: Number of projected-gradient steps of each QP.
@@ -482,6 +647,7 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
     """
 
     gramian_weighting: DynamicKWeighting
+    _weighting_class: ClassVar[type[DynamicKWeighting]] = DynamicKWeighting
 
     def __init__(
         self,
@@ -496,7 +662,7 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
         pcgrad_across_groups: bool = False,
     ) -> None:
         super().__init__(
-            DynamicKWeighting(
+            self._weighting_class(
                 groups,
                 auto_group=auto_group,
                 regroup_every=regroup_every,
@@ -525,13 +691,15 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
     min_weight_fraction = Forwarded(DynamicKWeighting.min_weight_fraction)
     pcgrad = Forwarded(DynamicKWeighting.pcgrad)
     pcgrad_across_groups = Forwarded(DynamicKWeighting.pcgrad_across_groups)
-    alpha = Forwarded[Tensor | None](
-        "alpha", "The weights of the normalised gradients of the last call."
+    alpha = Forwarded[Tensor](
+        "alpha",
+        "The weights of the normalised gradients of the last finite call (empty before any call).",
     )
     active_groups = Forwarded[tuple[TaskGroup, ...]](
         "active_groups", "The groups of the last call, with their tasks."
     )
     group_weights = Forwarded(DynamicKWeighting.group_weights)
+    known_tasks = Forwarded(DynamicKWeighting.known_tasks)
 
     def add_task(self, task: Hashable, group: str) -> None:
         """See :meth:`DynamicKWeighting.add_task`."""
@@ -549,11 +717,14 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
 def _needed_gramian(weighting: DynamicKWeighting, matrix: Matrix) -> PSDMatrix:
     """The Gramian of ``matrix`` with only the blocks ``weighting`` reads (zeros elsewhere)."""
 
+    # The state first: a reset (a new task count, a state made on the meta device) restarts the
+    # regrouping schedule, which decides the blocks.
+    weighting._ensure_state((matrix.shape[0],), matrix)
     blocks = weighting.gramian_blocks(matrix.shape[0])
     if blocks is None:
         return compute_gramian(matrix)  # type: ignore[return-value]
-    m = matrix.shape[0]
-    gramian = matrix.new_zeros((m, m), dtype=accumulation_dtype(matrix.dtype))
+    # (the first row of a block of consecutive rows, or the rows of another block; its products)
+    pieces: list[tuple[int | Tensor, Tensor]] = []
     for rows, count in _runs(blocks):
         first, size = rows[0], len(rows)
         if count > 1 and accumulation_dtype(matrix.dtype) == matrix.dtype:
@@ -561,16 +732,27 @@ def _needed_gramian(weighting: DynamicKWeighting, matrix: Matrix) -> PSDMatrix:
             # a BLAS runs much faster than a thin (size x n) @ (n x size) product per block.
             batch = matrix[first : first + count * size].view(count, size, -1)
             products = torch.bmm(batch, batch.transpose(1, 2))
-            for k in range(count):
-                at = first + k * size
-                gramian[at : at + size, at : at + size] = products[k]
+            if matrix.dtype != torch.float64 and overflowed(products, batch):
+                # As compute_gramian: the products of finite rows in float64, on the host path.
+                batch = batch.double()
+                products = torch.bmm(batch, batch.transpose(1, 2))
+            pieces.extend((first + k * size, products[k]) for k in range(count))
         elif rows == list(range(first, first + size)):
             for at in range(first, first + count * size, size):
-                block = compute_gramian(matrix[at : at + size])
-                gramian[at : at + size, at : at + size] = block
+                pieces.append((at, compute_gramian(matrix[at : at + size])))
         else:
             index = torch.tensor(rows, device=matrix.device)
-            gramian[index.unsqueeze(1), index] = compute_gramian(matrix.index_select(0, index))
+            pieces.append((index, compute_gramian(matrix.index_select(0, index))))
+    m = matrix.shape[0]
+    dtype = (
+        torch.float64 if any(b.dtype == torch.float64 for _, b in pieces) else pieces[0][1].dtype
+    )
+    gramian = matrix.new_zeros((m, m), dtype=dtype)
+    for where, block in pieces:
+        if isinstance(where, int):
+            gramian[where : where + block.shape[0], where : where + block.shape[0]] = block
+        else:
+            gramian[where.unsqueeze(1), where] = block.to(dtype)
     return gramian  # type: ignore[return-value]
 
 

@@ -31,6 +31,9 @@ _EPS = 1e-7
 # Rows whose norm is below this need no scaling of their squares in any dtype S is kept in.
 _UNSCALED_BELOW = 2.0**43
 
+# The float64 encoding: 52 mantissa bits, then 11 exponent bits biased by 1023 (all ones: inf, NaN).
+_MANTISSA_BITS, _EXPONENT_MASK, _EXPONENT_BIAS = 52, 0x7FF, 1023
+
 # Elements of the Jacobian processed at once: each of the two temporaries of a chunk holds this
 # many values (1 MiB in float32, so a chunk stays in cache), whatever the size of the Jacobian.
 _CHUNK_ELEMENTS = 1 << 18
@@ -101,9 +104,29 @@ def overflow_free_scales(largest: Tensor, previous: Tensor, dtype: torch.dtype) 
 
     # 43 in float32 (largest value 2^128): squares below 2^86, a million steps' sum below 2^106.
     headroom = (math.floor(math.log2(torch.finfo(dtype).max)) - 40) // 2
-    exponents = torch.frexp(largest.to(torch.float64)).exponent.to(torch.float64)
+    exponents = binary_exponents(largest.to(torch.float64)).to(torch.float64)
     needed = torch.exp2((exponents - headroom).clamp(min=0.0)).to(previous.dtype)
     return torch.maximum(previous, needed)
+
+
+def binary_exponents(values: Tensor) -> Tensor:
+    r"""
+    ``torch.frexp(values).exponent`` of float64 ``values``, as int64: the :math:`e` with
+    :math:`|x| = f \cdot 2^e`, :math:`f \in [\frac12, 1)`, and 0 for 0, inf and NaN.
+
+    Read from the bits of the IEEE 754 encoding, because inductor cannot compile ``frexp``
+    (its C++ kernel does not build). A subnormal, whose exponent field is 0, is first multiplied
+    by :math:`2^{64}`, which is exact and makes it normal.
+    """
+
+    def exponent_field(x: Tensor) -> Tensor:
+        return (x.view(torch.int64) >> _MANTISSA_BITS) & _EXPONENT_MASK
+
+    field = exponent_field(values)
+    normal = field - (_EXPONENT_BIAS - 1)
+    subnormal = exponent_field(values * 2.0**64) - (_EXPONENT_BIAS - 1 + 64)
+    exponents = torch.where(field == 0, subnormal, normal)
+    return torch.where((values == 0.0) | (field == _EXPONENT_MASK), 0, exponents)
 
 
 class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable):
@@ -114,7 +137,8 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
     defaults of ``torchjd.aggregation.ExcessMTLWeighting`` 0.18.0.
 
     It needs per-coordinate squared gradients, so it is a weighting of the Jacobian
-    :math:`J`, not of its Gramian. At each call :math:`t`:
+    :math:`J`, not of its Gramian: a ``GramianWeightedAggregator`` of it raises a ``TypeError``
+    (a square input, which a Gramian would be, is taken as a Jacobian). At each call :math:`t`:
 
     .. math::
 

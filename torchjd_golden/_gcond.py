@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torchjd.aggregation import Aggregator
 from torchjd.linalg import Matrix
 
-from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
+from ._aggregator_bases import Forwarded, ForwardedConverting, checked_call
 from ._gcond_parameters import GCondParameters, parameters_repr
 from ._gcond_statistics import GCondStatistics
 from ._gcond_store import Store, checkpoint_form, grown_store, loaded_form, store_products
@@ -46,7 +47,9 @@ class GCondWeighting(
     resolved gradient of the official implementation (its ``_project``).
 
     The rows of :math:`J` are the tasks' gradients, accumulated over several micro-batches by
-    torchjd (see :class:`GCond`). Each call:
+    torchjd (see :class:`GCond`); the stability needs the previous step's resolved rows, so it is
+    a weighting of the Jacobian, not of its Gramian: a ``GramianWeightedAggregator`` of it raises
+    a ``TypeError`` (a square input, which a Gramian would be, is taken as a Jacobian). Each call:
 
     1. updates the norm averages :math:`e_k \leftarrow \max(\beta e_k + (1 - \beta)\|J_k\|,
        \epsilon)` and scales the rows longer than ``norm_cap`` down to it;
@@ -300,9 +303,9 @@ class GCondWeighting(
         return f"{self.__class__.__name__}({parameters_repr(self)}, eps={self.eps!r})"
 
 
-class GCond(MatrixAggregator, LazyState, NonDifferentiable):
+class GCond(Aggregator, LazyState, NonDifferentiable):
     r"""
-    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.WeightedAggregator` of GCond, the
+    :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` of GCond, the
     Gradient Conductor of `GCond: Gradient Conflict Resolution via Accumulation-based
     Stabilization for Large-Scale Multi-Task Learning <https://arxiv.org/abs/2509.07252>`_
     (official implementation: `AlevLab-dev/GCond <https://github.com/AlevLab-dev/GCond>`_).
@@ -316,6 +319,16 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         m_t = \beta m_{t-1} + (1 - \beta) g_t, \qquad \text{update} = m_t / (1 - \beta^t)
 
     With ``momentum_beta=0`` the update is :math:`g_t` itself and no momentum is stored.
+
+    **No weights.** The momentum carries the earlier steps' gradients, so the update is not a
+    combination :math:`w^\top J` of this step's rows: GCond is an
+    :class:`~torchjd.aggregation.Aggregator`, not a
+    :class:`~torchjd.aggregation.WeightedAggregator`, whatever ``momentum_beta``, and
+    ``jac_to_grad`` returns ``None`` for it, as for any aggregator without weights (and so do
+    the trainers' steps; the weight loggers refuse it). The arbitration's weights :math:`w` of
+    :math:`g_t` are :attr:`resolution_weights`, under their own name: with ``momentum_beta=0``
+    the update is exactly :math:`w^\top J`. For weights from ``jac_to_grad`` without momentum,
+    use ``WeightedAggregator(GCondWeighting(...))``, whose update is :math:`g_t`.
 
     **Accumulate, then resolve.** The accumulation is torchjd's own: ``backward`` and
     ``mtl_backward`` add to the ``.jac`` fields, and one ``jac_to_grad`` resolves what several
@@ -387,6 +400,11 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
     _state_names = ("momentum", "step_count")
     momentum: Tensor
     step_count: Tensor
+    resolution_weights: Tensor | None
+    """
+    The weights :math:`w` of the last call's resolved gradient :math:`g_t = w^\top J`, before
+    the momentum (``None`` before the first call): what :class:`GCondWeighting` returned.
+    """
 
     def __init__(
         self,
@@ -401,21 +419,22 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         momentum_beta: float = 0.85,
         eps: float = 1e-8,
     ) -> None:
-        super().__init__(
-            GCondWeighting(
-                conflict_thresholds=conflict_thresholds,
-                use_smooth_logic=use_smooth_logic,
-                remap_power=remap_power,
-                dominance_window=dominance_window,
-                tie_breaking_weights=tie_breaking_weights,
-                norm_ema_beta=norm_ema_beta,
-                norm_cap=norm_cap,
-                projection_max_iters=projection_max_iters,
-                eps=eps,
-            )
+        super().__init__()
+        self.weighting = GCondWeighting(
+            conflict_thresholds=conflict_thresholds,
+            use_smooth_logic=use_smooth_logic,
+            remap_power=remap_power,
+            dominance_window=dominance_window,
+            tie_breaking_weights=tie_breaking_weights,
+            norm_ema_beta=norm_ema_beta,
+            norm_cap=norm_cap,
+            projection_max_iters=projection_max_iters,
+            eps=eps,
         )
         self.momentum_beta = momentum_beta
         self._register_state()
+        # Not state: the last call's weights, for monitoring (not in checkpoints).
+        self.register_buffer("resolution_weights", None, persistent=False)
         self._norm_of: tuple[Tensor, Tensor | None] | None = None  # for stats()
 
     conflict_thresholds = ForwardedConverting[tuple[float, float, float], Sequence[float]](
@@ -450,8 +469,12 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
             "step_count": torch.zeros((), dtype=torch.int64, device=like.device),
         }
 
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        return checked_call(self, matrix)
+
     def forward(self, matrix: Matrix, /) -> Tensor:
         weights = self.weighting(matrix)
+        self.resolution_weights = weights
         beta = self.momentum_beta
         if beta == 0.0:
             update = combine_rows(weights, matrix)
@@ -510,6 +533,7 @@ class GCond(MatrixAggregator, LazyState, NonDifferentiable):
         super().reset()
         self.weighting.reset()
         self._norm_of = None
+        self.resolution_weights = None
 
     def __repr__(self) -> str:
         return (

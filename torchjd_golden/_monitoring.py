@@ -235,6 +235,27 @@ def _task_names(tasks: Sequence[Hashable] | None, m: int) -> list[Any]:
     return names
 
 
+def text_task_names(tasks: Sequence[Hashable] | None, m: int) -> list[str]:
+    """
+    The task names as text, the keys of a log (``tasks``, checked to have ``m`` entries, or
+    ``task_0`` ... ``task_{m-1}``).
+
+    :raises ValueError: If two names read the same as text (``1`` and ``"1"``): their logged
+        values would overwrite each other.
+    """
+
+    texts: dict[str, Hashable] = {}
+    for name in _task_names(tasks, m):
+        text = str(name)
+        if text in texts:
+            raise ValueError(
+                f"The task names {texts[text]!r} and {name!r} both read {text!r} as text, so "
+                "their logged weights would overwrite each other: give names that differ as text."
+            )
+        texts[text] = name
+    return list(texts)
+
+
 def weight_scalars(
     weights: Tensor, tasks: Sequence[Hashable], alpha: Tensor | None = None
 ) -> dict[str, Tensor]:
@@ -246,7 +267,7 @@ def weight_scalars(
     """
 
     values = weights.detach().float()
-    names = _task_names(tasks, values.shape[0])
+    names = text_task_names(tasks, values.shape[0])
     scalars = {f"weight/{name}": value for name, value in zip(names, values.unbind(), strict=True)}
     scalars["balance_ratio"] = values.min() / values.max()
     if alpha is not None:
@@ -256,7 +277,7 @@ def weight_scalars(
     return scalars
 
 
-def weighting_of(aggregator: Aggregator) -> nn.Module:
+def weighting_of(aggregator: nn.Module) -> nn.Module:
     """
     The weighting to hook for ``aggregator``'s weights: its Gramian weighting if it has one
     (that is where Golden Pendulum keeps ``alpha``), else its weighting.
@@ -268,7 +289,7 @@ def weighting_of(aggregator: Aggregator) -> nn.Module:
         return aggregator.weighting
     raise TypeError(
         f"`{aggregator.__class__.__name__}` does not combine the rows with a weighting, so it has "
-        "no weights to log."
+        "no weights to log or record."
     )
 
 
@@ -298,11 +319,13 @@ class WeightLogger:
     The lines are strict JSON: a non-finite value (an overflow step) is written ``null``, not
     the bare ``NaN`` of :func:`json.dumps`. Logging reads the values on the host, so it
     synchronises with an accelerator on the logged steps only. Call :meth:`close` (or use it as
-    a context manager) to flush the files; a later logged call opens them again, appending.
+    a context manager) to flush the files: a closed logger refuses to log (remove its hook
+    first). The task names must differ as text (``1`` and ``"1"`` would share a key): names
+    that do not raise ``ValueError``.
 
-    A copy (``copy.deepcopy`` of a module this logger hooks, or pickling) is a logger with the
-    same settings and step count that writes to the same file and TensorBoard directory (a
-    ``writer`` given by the caller is shared, not copied).
+    A copy (``copy.deepcopy``, pickling or ``torch.save`` of a module this logger hooks) is a
+    logger with the same settings and step count that writes to the same file and TensorBoard
+    directory (a ``writer`` given by the caller is shared by a deep copy, not copied).
 
     :param path: The JSON-lines file, or ``None`` for none.
     :param tasks: The names of the tasks, one per weight.
@@ -333,6 +356,8 @@ class WeightLogger:
             raise ValueError("Give either `writer` or `tensorboard_dir`, not both.")
         if tasks is not None and (isinstance(tasks, str) or len(set(tasks)) != len(tasks)):
             raise ValueError(f"Parameter `tasks` must be a sequence of distinct names: {tasks!r}.")
+        if tasks is not None:
+            text_task_names(tasks, len(tasks))
         self.path = None if path is None else Path(path)
         self.tasks = None if tasks is None else tuple(tasks)
         self.tensorboard_dir = None if tensorboard_dir is None else Path(tensorboard_dir)
@@ -340,6 +365,7 @@ class WeightLogger:
         self.writer = _summary_writer(self.tensorboard_dir) if self._owns_writer else writer
         self.every, self.diagnostics, self.tag = every, diagnostics, tag
         self._file: TextIO | None = None
+        self._closed = False
         self.step = 0
 
     def attach(self, aggregator: Aggregator) -> RemovableHandle:
@@ -348,11 +374,17 @@ class WeightLogger:
         return weighting_of(aggregator).register_forward_hook(self)
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], weights: Tensor) -> None:
+        if self._closed:
+            raise ValueError(
+                "This WeightLogger is closed, but a weighting it is hooked on was called: remove "
+                "the hook first (`handle.remove()` with the handle `attach` returned), or attach a "
+                "new logger."
+            )
         step, self.step = self.step, self.step + 1
         if step % self.every:
             return
         tasks = self.tasks if self.tasks is not None else getattr(module, "tasks", None)
-        names = [str(name) for name in _task_names(tasks, weights.shape[0])]
+        names = text_task_names(tasks, weights.shape[0])
         alpha = hook_alpha(module, weights)
         tensors = weight_scalars(weights, names, alpha)
         values = torch.stack(list(tensors.values())).tolist()  # one host read for the step
@@ -389,8 +421,12 @@ class WeightLogger:
                     self.writer.add_scalar(f"{self.tag}/{key}", record[key], step)
 
     def close(self) -> None:
-        """Closes the JSON-lines file and the writer this logger created."""
+        """
+        Closes the JSON-lines file and the writer this logger created. A closed logger refuses
+        to log: a later call of a weighting it is still hooked on raises ``ValueError``.
+        """
 
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -37,6 +37,11 @@ class LazyState(nn.Module, Stateful):
     when they are all the known tasks in order), a new name gets a row of the initial per-task
     state, and the other rows are left untouched until their task returns. The names of the
     rows travel in the checkpoint (the module's extra state).
+
+    **The meta device.** A state made on the meta device (by a call on meta input, or by moving
+    the module there) has shapes but no values, and ``to_empty`` gives it uninitialised memory.
+    Such a state is rebuilt, with a warning, by the first call on a real device, whether or not
+    the module was moved with ``to_empty`` first.
     """
 
     _state_names: ClassVar[tuple[str, ...]]
@@ -46,6 +51,8 @@ class LazyState(nn.Module, Stateful):
     # float32 Jacobian must not reset. Otherwise a change of dtype rebuilds the state.
     _keeps_state_dtype: ClassVar[bool] = False
     _known_tasks: list[Hashable] | None = None  # the name of each per-task row, or None
+    # Whether the state was made on (or moved to) the meta device: its values are undefined.
+    _state_without_values: bool = False
 
     def _register_state(self) -> None:
         for name in self._state_names:
@@ -97,13 +104,20 @@ class LazyState(nn.Module, Stateful):
         The state is created on the first call. It is rebuilt, with a warning unless ``warn`` is
         false, when the sizes other than the number of tasks change, when the dtypes it would be
         built in for ``like`` differ from its own (a change of the input's precision, or a
-        conversion of the module to half precision), and, without task names, when the number of
-        tasks changes. State on another device than ``like`` is an error.
+        conversion of the module to half precision), without task names when the number of
+        tasks changes, and when it was made on the meta device and ``like`` is not. State on
+        another device than ``like`` is an error.
         """
 
         names = self._call_tasks(sizes[0])
         if self._has_state:
-            problem = self._mismatch(sizes, like, names)
+            if self._state_without_values and like.device.type != "meta":
+                problem: str | None = (
+                    f"received input on {like.device} but holds a state made on the meta device, "
+                    "which has no values"
+                )
+            else:
+                problem = self._mismatch(sizes, like, names)
             if problem is None:
                 return self._rows_of(names, sizes, like)
             if warn:
@@ -121,7 +135,8 @@ class LazyState(nn.Module, Stateful):
         if state.device != like.device:
             raise ValueError(
                 f"The state of `{self.__class__.__name__}` is on {state.device} but the input is "
-                f"on {like.device}. Move the aggregator with `.to({str(like.device)!r})`."
+                f"on {like.device}. Move the aggregator with `.to({str(like.device)!r})`, or "
+                "call `.reset()` to start afresh on the input's device."
             )
         previous = self._state_sizes(len(sizes))
         task_count_matters = names is None or self._known_tasks is None
@@ -157,14 +172,38 @@ class LazyState(nn.Module, Stateful):
         with torch.inference_mode(False):
             for name, value in self._initial_state(sizes, like).items():
                 setattr(self, name, value)
-        self._set_known_tasks(None if names is None else list(names), like.device)
+            if self._named:  # (encoded when saved) on the state's device
+                self.task_names = torch.empty(0, dtype=torch.uint8, device=like.device)
+        self._state_without_values = like.device.type == "meta"
+        self._known_tasks = None if names is None else list(names)
 
-    def _set_known_tasks(self, names: list[Hashable] | None, device: torch.device) -> None:
-        self._known_tasks = names
-        if self._named:
+    def _apply(self, fn: Any, recurse: bool = True) -> LazyState:
+        # Every move and conversion (.to, .to_empty, .half, ...) passes here: a state moved to
+        # the meta device loses its values, and to_empty back to a real device does not restore
+        # them.
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self._has_state and self._state_device.type == "meta":
+            self._state_without_values = True
+        return self
+
+    @property
+    def _state_device(self) -> torch.device:
+        state = self._buffers[self._state_names[0]]
+        assert state is not None
+        return state.device
+
+    def _save_to_state_dict(
+        self, destination: dict[str, Any], prefix: str, keep_vars: bool
+    ) -> None:
+        if self._named:  # beside the state, on its device
+            names, state = self._known_tasks, self._buffers[self._state_names[0]]
             encoded = b"" if names is None else json.dumps(names).encode()
+            assert state is not None
             with torch.inference_mode(False):
-                self.task_names = torch.tensor(list(encoded), dtype=torch.uint8, device=device)
+                self.task_names = torch.tensor(
+                    list(encoded), dtype=torch.uint8, device=state.device
+                )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _rows_of(
         self, names: tuple[Hashable, ...] | None, sizes: tuple[int, ...], like: Tensor
@@ -175,7 +214,7 @@ class LazyState(nn.Module, Stateful):
             return None  # the rows are the known tasks, in order
         known = self._known_tasks
         if known is None:  # state built without names: these name its rows, in order
-            self._set_known_tasks(list(names), like.device)
+            self._known_tasks = list(names)
             return None
         if len(names) == len(known) and all(a == b for a, b in zip(names, known, strict=True)):
             return None
@@ -185,7 +224,7 @@ class LazyState(nn.Module, Stateful):
             self._add_task_rows(len(new), sizes, like)
             index.update({name: len(known) + k for k, name in enumerate(new)})
             known = [*known, *new]
-            self._set_known_tasks(known, like.device)
+            self._known_tasks = known
         rows = [index[name] for name in names]
         if rows == list(range(len(known))):
             return None
@@ -236,8 +275,13 @@ class LazyState(nn.Module, Stateful):
                 current = buffer.index_select(0, rows)
                 buffer.index_copy_(0, rows, torch.where(finite, value.to(buffer.dtype), current))
             else:
-                # In place (one pass, and the buffer keeps its address for CUDA graphs).
-                torch.where(finite, value.to(buffer.dtype), buffer, out=buffer)
+                # In place (one pass, and the buffer keeps its address for CUDA graphs). A 0-dim
+                # buffer is written through a 1-element view: inductor (torch 2.13, CPU) drops an
+                # in-place write into a 0-dim float64 buffer.
+                new, target = value.to(buffer.dtype), buffer
+                if buffer.ndim == 0:
+                    new, target = new.reshape(1), buffer.view(1)
+                torch.where(finite, new, target, out=target)
 
     def reset(self) -> None:
         """Forgets all state: the next call behaves as the first call of a new instance."""
@@ -246,7 +290,8 @@ class LazyState(nn.Module, Stateful):
             buffer = self._buffers[name]
             assert buffer is not None
             self._buffers[name] = buffer.new_empty(0)
-        self._set_known_tasks(None, self._buffers[self._state_names[0]].device)  # type: ignore[union-attr]
+        self._state_without_values = False
+        self._known_tasks = None
 
     def _load_from_state_dict(
         self,
@@ -273,9 +318,11 @@ class LazyState(nn.Module, Stateful):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if self._named:  # a host read, at loading only
+        # Values loaded into a module on the meta device are dropped there.
+        self._state_without_values = self._has_state and self._state_device.type == "meta"
+        if self._named and self.task_names.device.type != "meta":  # a host read, at loading only
             encoded = bytes(self.task_names.tolist())
-            self._known_tasks = _decoded(json.loads(encoded)) if encoded else None
+            self._known_tasks = decoded_task_names(json.loads(encoded)) if encoded else None
         # A part of the state (strict=False) would only fail later, far from its cause.
         absent = [name for name in self._state_names if prefix + name not in state_dict]
         if absent and len(absent) < len(self._state_names):
@@ -291,8 +338,8 @@ def _describe(sizes: tuple[int, ...]) -> str:
     return " and ".join(words)
 
 
-def _decoded(names: list[Any]) -> list[Hashable]:
-    """The task names JSON read back, with their tuples (JSON lists) as tuples again."""
+def decoded_task_names(names: list[Any]) -> list[Hashable]:
+    """Task names read back from JSON, with their tuples (JSON lists) as tuples again."""
 
     def hashable(value: Any) -> Hashable:
         return tuple(hashable(part) for part in value) if isinstance(value, list) else value

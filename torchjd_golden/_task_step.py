@@ -23,8 +23,9 @@ from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from ._amp import with_grad_scaler
 from ._config import aggregator_from_config
+from ._diagnostics import ConflictMonitor
 from ._monitoring import weight_scalars
-from ._recorder import DiagnosticsRecorder, attach_recorder
+from ._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
 from ._tasks import default_task_names, set_step_inputs
 
 
@@ -91,6 +92,24 @@ def split_task_losses(output: object) -> tuple[tuple[Hashable, ...], Tensor, Any
     return names, torch.stack([loss.reshape(()) for loss in losses]), features
 
 
+def attach_diagnostics(
+    aggregator: Aggregator, diagnostics: bool | DiagnosticsRecorder, task_source: object
+) -> DiagnosticsRecorder | None:
+    """
+    The trainers' ``diagnostics`` argument: ``True`` attaches a new
+    :class:`~torchjd_golden.ConflictMonitor` (the diagnostics engine) to ``aggregator``, a
+    recorder (a :class:`~torchjd_golden.ConflictMonitor` of the caller's included) is attached
+    the same way, with the task names read from ``task_source.tasks``; returns it (``None`` for
+    ``False``).
+    """
+
+    if diagnostics is False:
+        return None
+    recorder = ConflictMonitor() if diagnostics is True else diagnostics
+    hook_recorder(aggregator, check_recorder(recorder, "diagnostics"), task_source=task_source)
+    return recorder
+
+
 class JacobianStep:
     """
     Jacobian descent inside a trainer: backward passes that add to torchjd's ``.jac`` fields,
@@ -100,19 +119,22 @@ class JacobianStep:
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
-    :param diagnostics: ``True`` for the diagnostics engine, or an object with a
-        ``record(gramian, weights, tasks)`` method, which then receives the Gramian the
-        aggregator's weighting used (or computed from its Jacobian) and the weights at each step.
+    :param diagnostics: ``True`` for the diagnostics engine, or a recorder (an object with a
+        ``record(gramian, weights=None, *, tasks=None)`` method, as
+        :class:`~torchjd_golden.ConflictMonitor`), which then receives the Gramian the
+        aggregator's weighting used (or computed from its Jacobian), the weights and the task
+        names at each step.
     """
 
     def __init__(self, aggregator: object, diagnostics: bool | DiagnosticsRecorder = False) -> None:
         self.aggregator = build_aggregator(aggregator)
         self.tasks: tuple[Hashable, ...] | None = None
         self.last_weights: Tensor | None = None
+        self.aggregated = False  # whether the last resolve aggregated (had a backward pass)
         self._features: Any = None
         self._loss_sum: Tensor | None = None
         self._scaled: tuple[GradScaler, Aggregator] | None = None
-        self.recorder = attach_recorder(self.aggregator, diagnostics, lambda: self.tasks)
+        self.recorder = attach_diagnostics(self.aggregator, diagnostics, task_source=self)
 
     def take(self, output: object) -> Tensor:
         """
@@ -156,11 +178,13 @@ class JacobianStep:
         """
         Aggregates the ``.jac`` fields of ``parameters`` into their ``.grad`` fields (with the
         loss scale taken out when ``scaler`` is enabled) and returns the weights, or ``None`` for
-        an aggregator without weights or a step without a backward pass.
+        an aggregator without weights (such as GCond, whose update carries momentum) or a step
+        without a backward pass (then :attr:`aggregated` is false).
         """
 
         tensors = [p for p in parameters if getattr(p, "jac", None) is not None]
         loss_sum, self._loss_sum = self._loss_sum, None
+        self.aggregated = bool(tensors)
         if not tensors:
             return None
         # The sum of the scaled losses: the adaptive λ only reads their ratios.
@@ -175,8 +199,7 @@ class JacobianStep:
             return {}
         alpha = getattr(self.aggregator, "alpha", None)
         alpha = alpha if isinstance(alpha, Tensor) else None
-        names = [str(name) for name in self.tasks]
-        return weight_scalars(self.last_weights, names, alpha)
+        return weight_scalars(self.last_weights, self.tasks, alpha)
 
     def _aggregator_for(self, scaler: GradScaler | None) -> Aggregator:
         if scaler is None or not scaler.is_enabled():

@@ -45,14 +45,15 @@ class MultiTaskTrainer(Trainer):
     - The task weights, averaged over the steps since the last log, join the Trainer's logs
       (``log_history``, TensorBoard and the other ``report_to`` integrations) by task name:
       ``task_weights/weight/{task}``, ``task_weights/balance_ratio`` and, for Golden Pendulum,
-      ``task_weights/alpha/{task}``; with ``diagnostics``, the diagnostics engine's statistics
-      (``diagnostics/conflict_ratio``, ``norm_ratio``, ``balance_ratio``, ...).
+      ``task_weights/alpha/{task}`` (none for GCond, whose update has no weights); with
+      ``diagnostics``, the diagnostics engine's statistics (``diagnostics/conflict_ratio``,
+      ``norm_ratio``, ``balance_ratio``, ...).
 
     .. code-block:: python
 
         trainer = MultiTaskTrainer(
             model=model,  # forward(**batch) returns {"losses": {"sentiment": ..., "topic": ...}}
-            args=TrainingArguments("out", gradient_accumulation_steps=4, report_to="tensorboard"),
+            args=TrainingArguments("out", gradient_accumulation_steps=4, report_to="none"),
             train_dataset=dataset,
             aggregator="gcond",  # or an aggregator, or {"name": "upgrad"}
         )
@@ -65,8 +66,9 @@ class MultiTaskTrainer(Trainer):
         :func:`~torchjd_golden.aggregator_from_config`.
     :param diagnostics: ``True`` to attach the diagnostics engine
         (:class:`~torchjd_golden.ConflictMonitor`) to the aggregator: it records each step's
-        Gramian (the one the aggregation computed: no extra backward pass); or a recorder with a
-        ``record(gramian, weights, tasks)`` method.
+        Gramian (the one the aggregation computed: no extra backward pass); or a recorder to
+        attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
+        object with a ``record(gramian, weights=None, *, tasks=None)`` method.
     :param args: The positional and keyword arguments of :class:`transformers.Trainer`.
     """
 
@@ -85,7 +87,7 @@ class MultiTaskTrainer(Trainer):
 
     @property
     def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
-        """The diagnostics engine (``diagnostics=True``) or recorder, or ``None``."""
+        """The diagnostics engine (``diagnostics=True``) or the recorder given, or ``None``."""
         return self.jacobian_step.recorder
 
     def training_step(
@@ -126,7 +128,8 @@ class MultiTaskTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _resolve(self, model: nn.Module, scaler: torch.amp.GradScaler | None) -> None:
-        if self.jacobian_step.resolve(model.parameters(), scaler) is None:
+        self.jacobian_step.resolve(model.parameters(), scaler)
+        if not self.jacobian_step.aggregated:
             return
         scalars = {f"task_weights/{k}": v for k, v in self.jacobian_step.weight_scalars().items()}
         scalars_of = getattr(self.diagnostics, "scalars", None)

@@ -43,8 +43,9 @@ class MultiTaskModule(LightningModule):
       bit-identically;
     - the weights of each step are logged by task name through ``self.log``
       (``task_weights/weight/{task}``, ``task_weights/balance_ratio``, and Golden Pendulum's
-      ``task_weights/alpha/{task}``), and with ``diagnostics`` the diagnostics engine's statistics
-      (``diagnostics/conflict_ratio``, ``norm_ratio``, ``balance_ratio``, ...).
+      ``task_weights/alpha/{task}``; none for GCond, whose update has no weights), and with
+      ``diagnostics`` the diagnostics engine's statistics (``diagnostics/conflict_ratio``,
+      ``norm_ratio``, ``balance_ratio``, ...).
 
     .. code-block:: python
 
@@ -72,8 +73,9 @@ class MultiTaskModule(LightningModule):
         :func:`~torchjd_golden.aggregator_from_config` (``"gcond"``, ``{"name": "upgrad"}``).
     :param diagnostics: ``True`` to attach the diagnostics engine
         (:class:`~torchjd_golden.ConflictMonitor`) to the aggregator: it records each step's
-        Gramian (the one the aggregation computed: no extra backward pass); or a recorder with a
-        ``record(gramian, weights, tasks)`` method.
+        Gramian (the one the aggregation computed: no extra backward pass); or a recorder to
+        attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
+        object with a ``record(gramian, weights=None, *, tasks=None)`` method.
     :param log_weights: Whether to log the weights through ``self.log``.
     """
 
@@ -97,7 +99,7 @@ class MultiTaskModule(LightningModule):
 
     @property
     def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
-        """The diagnostics engine (``diagnostics=True``) or recorder, or ``None``."""
+        """The diagnostics engine (``diagnostics=True``) or the recorder given, or ``None``."""
         return self._jacobian_step.recorder
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -123,9 +125,10 @@ class MultiTaskModule(LightningModule):
 
     def _resolve(self) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if self._jacobian_step.resolve(self.parameters(), scaler) is None:
+        self._jacobian_step.resolve(self.parameters(), scaler)
+        if not self._jacobian_step.aggregated:
             return
-        if self.log_weights:
+        if self.log_weights:  # none for an aggregator without weights (GCond)
             scalars = self._jacobian_step.weight_scalars()
             self.log_dict({f"task_weights/{k}": v for k, v in scalars.items()}, on_step=True)
         scalars_of = getattr(self.diagnostics, "scalars", None)

@@ -33,10 +33,12 @@ _COMPARE_HELP = """\
 Train one small multi-task model per method, workload and seed, and the single-task baselines,
 then report for each method the test metric of every task (R2 for regressions, accuracy for
 classifications) and Delta_m% against the single-task baselines, as mean +- std over seeds; the
-balance w_min/w_max of its task weights and its largest weight over the second half of training
-(Golden Pendulum's weights are its QP solution, as its paper reports them; other methods' are
-the weights jac_to_grad returns, normalised to unit total); and the milliseconds per training
-step. Each method runs with the settings of its paper or reference, listed under the tables.
+task weights w_k it applied (those jac_to_grad returns, normalised to unit total) and each task's
+share of the update s_k = |w_k| ||g_k|| / sum_j |w_j| ||g_j||, with the balance min/max of each,
+over the second half of training ("-" for a method that applies no weights); Golden Pendulum's
+alpha balance, the quantity its paper reports, in the check under the tables; and the
+milliseconds per training step. Each method runs with the settings of its paper or reference,
+listed under the tables.
 Writes results.md, results.csv, runs.csv (one row per seed), a figure per workload and
 summary.png into the output folder, and prints the tables.
 
@@ -102,10 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = list(dict.fromkeys(n.strip() for n in arguments.methods.split(",") if n.strip()))
     if not names:
         compare.error("--methods names no method")
-    try:
-        torch.device(arguments.device)
-    except RuntimeError as error:
-        compare.error(f"--device: {error}")
+    problem = _device_problem(arguments.device) or _output_problem(arguments.output)
+    if problem:
+        compare.error(problem)
     workload_names = list(WORKLOADS) if arguments.workload == "all" else [arguments.workload]
     _require(
         _PLOTS
@@ -141,6 +142,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report)
     print(f"{len(jobs)} runs in {elapsed:.0f} s. Wrote {', '.join(str(p) for p in written)}.")
     return 0
+
+
+def _device_problem(name: str) -> str | None:
+    """Why the runs could not use the device ``name``, found before any run starts."""
+
+    try:
+        # A round trip, so that a device this build or machine lacks (CUDA on a CPU build, an
+        # index past the last GPU, "meta") fails here rather than in every worker.
+        torch.zeros(1, device=torch.device(name)).cpu()
+    except (RuntimeError, AssertionError) as error:
+        return f"--device {name!r} cannot be used here: {str(error).splitlines()[0]}"
+    return None
+
+
+def _output_problem(path: Path) -> str | None:
+    """Why the results could not be written into the folder ``path``, found before any run."""
+
+    if path.exists():
+        if not path.is_dir():
+            return f"--output {str(path)!r} is a file, not a folder"
+        writable = path
+    else:
+        writable = next(parent for parent in path.absolute().parents if parent.exists())
+        if not writable.is_dir():
+            return f"--output {str(path)!r} cannot be created: {str(writable)!r} is a file"
+    if not os.access(writable, os.W_OK | os.X_OK):
+        return f"--output {str(path)!r}: {str(writable)!r} is not writable"
+    return None
 
 
 def _available_cpus() -> int:

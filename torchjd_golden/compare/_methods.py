@@ -5,13 +5,16 @@ and where each choice comes from, so that the report can print them under its ta
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torchjd.aggregation import Aggregator
 
 from .. import aggregator_from_config
+from .._config import _lookup
 from ._workloads import Workload
 
 ADAM_BETAS = (0.9, 0.999)
@@ -84,6 +87,10 @@ SETTINGS: dict[str, Settings] = {
         adam_betas=(0.0, 0.95),
     ),
     "Mean": Settings("no hyper-parameters."),
+    "Constant": Settings(
+        "equal weights 1/m: Constant needs its weights and --methods names no values, so it "
+        "makes the same update as Mean."
+    ),
     "UPGrad": Settings("torchjd's defaults."),
     "NashMTL": Settings(
         f"update_weights_every={NASH_MTL_UPDATE_EVERY} is the speed knob of the authors' code "
@@ -98,6 +105,12 @@ SETTINGS: dict[str, Settings] = {
 
 _UNLISTED = Settings("its class's defaults (not tuned here).")
 
+_REQUIRED: dict[str, Callable[[int, torch.device], Any]] = {
+    "n_tasks": lambda m, _device: m,  # torchjd's NashMTL
+    "weights": lambda m, device: torch.full((m,), 1.0 / m, device=device),  # torchjd's Constant
+}
+"""The required constructor arguments a comparison can fill in, from m and the device."""
+
 
 @dataclass(frozen=True)
 class Method:
@@ -111,19 +124,26 @@ class Method:
     settings: Settings
 
 
-def build_method(name: str, workload: Workload, steps: int) -> Method:
+def build_method(
+    name: str, workload: Workload, steps: int, device: torch.device | None = None
+) -> Method:
     """
     A fresh aggregator for ``name`` (any :func:`~torchjd_golden.aggregator_from_config` name)
-    with its comparison settings for ``workload`` and a run of ``steps`` steps.
+    with its comparison settings for ``workload`` and a run of ``steps`` steps; a tensor it is
+    given (Constant's weights) is created on ``device`` (default: the CPU).
 
-    :raises ValueError: For a name ``aggregator_from_config`` does not know.
+    :raises ValueError: For a name ``aggregator_from_config`` does not know, or a class with a
+        required argument the comparison cannot choose.
     :raises ImportError: For a method whose optional dependencies are missing (NashMTL).
     """
 
-    plain = _construct(name, {}, n_tasks=len(workload.tasks))
+    required = _required_arguments(name, len(workload.tasks), device or torch.device("cpu"))
+    plain = aggregator_from_config({"name": name, **required})
     settings = SETTINGS.get(type(plain).__name__, _UNLISTED)
     keywords = settings.keywords(workload, steps)
-    aggregator = _construct(name, keywords, n_tasks=len(workload.tasks)) if keywords else plain
+    aggregator = (
+        aggregator_from_config({"name": name, **required, **keywords}) if keywords else plain
+    )
     return Method(
         name=name,
         label=str(aggregator) + settings.label_suffix,
@@ -132,9 +152,20 @@ def build_method(name: str, workload: Workload, steps: int) -> Method:
     )
 
 
-def _construct(name: str, keywords: dict[str, Any], n_tasks: int) -> Aggregator:
-    try:
-        return aggregator_from_config({"name": name, **keywords})
-    except TypeError:
-        # A constructor with a required argument: torchjd's NashMTL needs its number of tasks.
-        return aggregator_from_config({"name": name, "n_tasks": n_tasks, **keywords})
+def _required_arguments(name: str, m: int, device: torch.device) -> dict[str, Any]:
+    """The arguments without a default of the class ``name`` names, filled in from ``_REQUIRED``."""
+
+    entry = _lookup("aggregator", name)
+    required = [
+        parameter.name
+        for parameter in inspect.signature(entry.factory).parameters.values()
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+    unknown = [argument for argument in required if argument not in _REQUIRED]
+    if unknown:
+        raise ValueError(
+            f"{entry.name} needs {', '.join(map(repr, unknown))}, which --methods cannot "
+            "set: compare it in your own script with aggregator_from_config."
+        )
+    return {argument: _REQUIRED[argument](m, device) for argument in required}

@@ -1,8 +1,9 @@
 """
-The figures of ``torchjd-golden compare``: one per workload (task weights and training losses of
-every method) and a compact one of the task weights on the synthetic workload, for the README.
-Every curve is the mean over seeds of a moving average, with the range over seeds as a band; a
-task has the same colour in every panel and figure.
+The figures of ``torchjd-golden compare``: one per workload (the applied task weights, each
+task's share of the update and the training losses of every method) and a compact one of the
+shares on the synthetic workload, for the README. Every curve is the mean over seeds of a moving
+average, with the range over seeds as a band; a task has the same colour in every panel and
+figure. A method that applies no task weights shows a dash in their panels.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ SMOOTHING = 10
 """Window, in steps, of the trailing moving average of every curve."""
 
 COLUMNS = 4
+PANELS = ("task weight", "share of update", "training loss")
+"""The panels of each method in a workload's figure, top to bottom."""
 COMPACT_WIDTH_INCHES = 8.0
 COMPACT_DPI = 150
 
@@ -28,7 +31,8 @@ COMPACT_DPI = 150
 def write_plots(summaries: Sequence[Summary], directory: Path) -> list[Path]:
     """
     ``<workload>.png`` for each workload and, when the synthetic workload was run,
-    ``summary.png`` (its task weights, 1200 px wide, legible at 800 px). Needs matplotlib.
+    ``summary.png`` (the shares of the update there, 1200 px wide, legible at 800 px). Needs
+    matplotlib.
     """
 
     plt = _pyplot()
@@ -57,45 +61,50 @@ def _pyplot() -> Any:
 
 
 def _workload_figure(plt: Any, rows: Sequence[Summary]) -> Any:
-    """Per method, its task weights above its training losses; methods in rows of four."""
+    """Per method, its task weights, its shares of the update and its training losses."""
 
     baseline = next(s for s in rows if s.method is None)
     methods = [s for s in rows if s.method is not None]
     tasks = baseline.workload.tasks
     columns = min(COLUMNS, len(methods))
-    pairs = math.ceil(len(methods) / columns)
-    figure = plt.figure(figsize=(3.0 * columns, 4.4 * pairs + 0.8))
-    # Each method's two panels touch; a spacer row leaves room for the next method's title.
-    heights = [1.0, 1.0, 0.32] * pairs
+    blocks = math.ceil(len(methods) / columns)
+    figure = plt.figure(figsize=(3.0 * columns, 6.4 * blocks + 0.8))
+    # Each method's three panels touch; a spacer row leaves room for the next method's title.
+    heights = [*([1.0] * len(PANELS)), 0.32] * blocks
     grid = figure.add_gridspec(
-        3 * pairs - 1, columns, height_ratios=heights[:-1], hspace=0.08, wspace=0.1
+        len(heights) - 1, columns, height_ratios=heights[:-1], hspace=0.08, wspace=0.1
     )
     losses = torch.cat([s.losses.flatten() for s in rows])
     loss_limits = (float(losses.min().clamp(min=1e-4)) / 1.5, float(losses.max()) * 1.5)
-    first_weight, first_loss = None, None
+    first: list[Any] = [None] * len(PANELS)  # the first method's panels, sharing their y axes
     for index, summary in enumerate(methods):
-        row, column = 3 * (index // columns), index % columns
-        weight_axis = figure.add_subplot(grid[row, column], sharey=first_weight)
-        loss_axis = figure.add_subplot(grid[row + 1, column], sharex=weight_axis, sharey=first_loss)
-        first_weight, first_loss = first_weight or weight_axis, first_loss or loss_axis
-        assert summary.weights is not None
+        row, column = (len(PANELS) + 1) * (index // columns), index % columns
+        axes: list[Any] = []
+        for offset in range(len(PANELS)):
+            axes.append(
+                figure.add_subplot(
+                    grid[row + offset, column],
+                    sharex=axes[0] if axes else None,
+                    sharey=first[offset],
+                )
+            )
+        first = [shared or axis for shared, axis in zip(first, axes, strict=True)]
+        weight_axis, share_axis, loss_axis = axes
+        _fractions(weight_axis, summary.weights, len(tasks))
+        _fractions(share_axis, summary.shares, len(tasks))
         for k in range(len(tasks)):
-            _mean_and_band(weight_axis, summary.weights[:, :, k], f"C{k}")
             _mean_and_band(loss_axis, summary.losses[:, :, k], f"C{k}")
-        _note_equal_weights(weight_axis, summary.weights)
         weight_axis.set_title(summary.label, fontsize=10)
-        weight_axis.set_ylim(0.0, 1.0)
-        weight_axis.tick_params(labelbottom=False)
         loss_axis.set_yscale("log")
         loss_axis.set_ylim(*loss_limits)
         loss_axis.set_xlabel("training step", fontsize=9)
-        if column == 0:
-            weight_axis.set_ylabel("task weight", fontsize=9)
-            loss_axis.set_ylabel("training loss", fontsize=9)
-        else:
-            weight_axis.tick_params(labelleft=False)
-            loss_axis.tick_params(labelleft=False)
-        for axis in (weight_axis, loss_axis):
+        for axis, name in zip(axes, PANELS, strict=True):
+            if axis is not loss_axis:
+                axis.tick_params(labelbottom=False)
+            if column == 0:
+                axis.set_ylabel(name, fontsize=9)
+            else:
+                axis.tick_params(labelleft=False)
             _style(axis)
     handles = [plt.Line2D([], [], color=f"C{k}", linewidth=2) for k in range(len(tasks))]
     figure.legend(
@@ -124,7 +133,7 @@ def _workload_figure(plt: Any, rows: Sequence[Summary]) -> Any:
 
 
 def _compact_figure(plt: Any, rows: Sequence[Summary]) -> Any:
-    """The task weights of every method on the synthetic workload, for the README."""
+    """Each task's share of the update, for every method on the synthetic workload."""
 
     methods = [s for s in rows if s.method is not None]
     tasks = rows[0].workload.tasks
@@ -142,18 +151,15 @@ def _compact_figure(plt: Any, rows: Sequence[Summary]) -> Any:
     )
     cells = [axis for line in axes for axis in line]
     for axis, summary in zip(cells, methods, strict=False):
-        assert summary.weights is not None
         assert summary.method is not None
-        for k in range(len(tasks)):
-            _mean_and_band(axis, summary.weights[:, :, k], f"C{k}")
-        _note_equal_weights(axis, summary.weights)
-        balance = "" if summary.balance is None else f" · balance {summary.balance.mean:.2f}"
-        axis.set_title(f"{summary.method.aggregator}{balance}", fontsize=9)
-        axis.set_ylim(0.0, 1.0)
+        _fractions(axis, summary.shares, len(tasks))
+        balance = summary.statistic("share_balance")
+        balance_text = "" if balance is None else f" · balance {balance.mean:.2f}"
+        axis.set_title(f"{summary.method.aggregator}{balance_text}", fontsize=9)
         _style(axis)
     for index, axis in enumerate(cells[: len(methods)]):
         if index % columns == 0:
-            axis.set_ylabel("task weight", fontsize=9)
+            axis.set_ylabel("share of update", fontsize=9)
         if index + columns >= len(methods):  # no method below it
             axis.set_xlabel("training step", fontsize=9)
             axis.tick_params(labelbottom=True)
@@ -194,20 +200,34 @@ def _mean_and_band(axis: Any, curves: Tensor, colour: str) -> None:
     axis.plot(steps.numpy(), smoothed.mean(dim=0).numpy(), color=colour, linewidth=1.4)
 
 
-def _note_equal_weights(axis: Any, weights: Tensor) -> None:
-    """Says so where every task has the same weight throughout: the curves then hide each other."""
+def _fractions(axis: Any, values: Tensor | None, m: int) -> None:
+    """
+    ``values`` (seeds x steps x m, weights or shares of unit total) as one curve per task, from 0
+    to 1 (from -1 where a weight is negative); a dash for a method without them.
+    """
 
-    if torch.allclose(weights, torch.full_like(weights, 1.0 / weights.shape[-1]), atol=1e-3):
-        axis.text(
-            0.5,
-            0.62,
-            "equal weights:\nthe curves overlap",
-            transform=axis.transAxes,
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="0.3",
-        )
+    if values is None:
+        _note(axis, "—\nno task weights", fontsize=12)
+        axis.set_ylim(0.0, 1.0)
+        return
+    for k in range(m):
+        _mean_and_band(axis, values[:, :, k], f"C{k}")
+    if torch.allclose(values, torch.full_like(values, 1.0 / m), atol=1e-3):
+        _note(axis, "equal for every task:\nthe curves overlap")
+    axis.set_ylim(min(0.0, float(values.min())), 1.0)
+
+
+def _note(axis: Any, text: str, fontsize: int = 8) -> None:
+    axis.text(
+        0.5,
+        0.62,
+        text,
+        transform=axis.transAxes,
+        ha="center",
+        va="center",
+        fontsize=fontsize,
+        color="0.3",
+    )
 
 
 def _style(axis: Any) -> None:

@@ -1,8 +1,15 @@
 r"""
 The report of ``torchjd-golden compare``: per workload and method, each task's test metric, the
-multi-task improvement :math:`\Delta_m\%` over the single-task baselines, the balance of the task
-weights and the time per step, as mean and standard deviation over seeds; in Markdown and CSV,
-with the settings of every method and the check against the Golden Pendulum paper.
+multi-task improvement :math:`\Delta_m\%` over the single-task baselines, the task weights the
+method applied and each task's share of the update with their balance, and the time per step, as
+mean and standard deviation over seeds; in Markdown and CSV, with the settings of every method and
+the check against the Golden Pendulum paper (its :math:`\alpha` balance).
+
+One definition for every method: the weights :math:`w_k` are those the method applied to the
+rows :math:`g_k` of the trunk's Jacobian, normalised to :math:`\sum_k |w_k| = 1`; task
+:math:`k`'s share of the update is :math:`s_k = |w_k| \|g_k\| / \sum_j |w_j| \|g_j\|`; the
+balance of either is :math:`\min_k / \max_k`. The table's balance column is that of the shares:
+a small weight on a task with a large gradient does not starve it, a small share does.
 """
 
 from __future__ import annotations
@@ -23,8 +30,12 @@ from ._workloads import Task, Workload
 COLLAPSE_WEIGHT = 0.9
 """A method whose largest task weight averages at least this much has collapsed onto one task."""
 
-PAPER_BALANCE = {"GoldenPendulum": 0.24, "NashMTL": 0.04}
-"""w_min / w_max of the Golden Pendulum paper's table, four tasks with disparate losses."""
+PAPER_ALPHA_BALANCE = 0.24
+r"""Golden Pendulum's balance in its paper's table (four tasks, disparate losses): that of its QP
+solution :math:`\alpha`, its weights on the normalised gradients."""
+
+PAPER_NASH_BALANCE = 0.04
+"""NashMTL's w_min / w_max in the same table, that of its weights on the raw gradients."""
 
 PAPER_WORKLOAD = "synthetic"
 
@@ -59,17 +70,38 @@ class Summary:
     seeds: tuple[int, ...]
     metrics: dict[str, Statistic]
     delta_m: Statistic | None
-    balance: Statistic | None
-    largest_weight: Statistic | None
     ms_per_step: Statistic
     losses: Tensor
     """Training losses, ``seeds x steps x m``."""
 
     weights: Tensor | None
-    """Normalised task weights, ``seeds x steps x m``; None for the baselines."""
+    """Applied task weights, normalised to unit total, ``seeds x steps x m``; None for the
+    baselines and for a method without weights."""
+
+    shares: Tensor | None
+    """Each task's share of the update, ``seeds x steps x m``; None where ``weights`` is."""
+
+    alphas: Tensor | None
+    """Golden Pendulum's QP solution, ``seeds x steps x m``; None for the other methods."""
 
     per_seed: dict[str, list[float]]
     """Every reported quantity, one value per seed, for ``runs.csv``."""
+
+    def statistic(self, quantity: str) -> Statistic | None:
+        """The mean and std over seeds of ``quantity`` (a key of ``per_seed``), None if absent."""
+
+        values = self.per_seed.get(quantity)
+        return None if values is None else Statistic.of(values)
+
+
+def balance(values: Tensor) -> Tensor:
+    r"""
+    :math:`\min_k |v_k| / \max_k |v_k|` over the last dimension: 1 when every task gets the
+    same, 0 when one gets nothing.
+    """
+
+    magnitudes = values.abs()
+    return magnitudes.min(dim=-1).values / magnitudes.max(dim=-1).values
 
 
 def delta_m(metrics: dict[str, float], baseline: dict[str, float], tasks: Sequence[Task]) -> float:
@@ -137,11 +169,11 @@ def _baseline_summary(
         seeds=seeds,
         metrics={t.name: Statistic.of(per_seed[_metric_key(t)]) for t in tasks},
         delta_m=None,
-        balance=None,
-        largest_weight=None,
         ms_per_step=Statistic.of(ms),
         losses=losses,
         weights=None,
+        shares=None,
+        alphas=None,
         per_seed=per_seed,
     )
 
@@ -155,15 +187,17 @@ def _method_summary(
 ) -> Summary:
     tasks = workload.tasks
     runs = [by_seed[s] for s in seeds]
-    weights = torch.stack([r.weights for r in runs if r.weights is not None])
-    settled = weights[:, weights.shape[1] // 2 :]  # the second half of training
-    largest = settled.max(dim=2).values
+    weights = _over_seeds([r.weights for r in runs])
+    shares = _over_seeds([r.shares for r in runs])
+    alphas = _over_seeds([r.alphas for r in runs])
     per_seed = {_metric_key(t): [r.metrics[t.name] for r in runs] for t in tasks}
     per_seed["delta_m_percent"] = [
         delta_m(r.metrics, baselines[s], tasks) for s, r in zip(seeds, runs, strict=True)
     ]
-    per_seed["balance_ratio"] = (settled.min(dim=2).values / largest).mean(dim=1).tolist()
-    per_seed["largest_weight"] = largest.mean(dim=1).tolist()
+    if weights is not None and shares is not None:
+        per_seed |= _weight_quantities(tasks, _settled(weights), _settled(shares))
+    if alphas is not None:
+        per_seed["alpha_balance"] = balance(_settled(alphas)).mean(dim=1).tolist()
     per_seed["ms_per_step"] = [1e3 * r.seconds_per_step for r in runs]
     return Summary(
         workload=workload,
@@ -172,13 +206,43 @@ def _method_summary(
         seeds=seeds,
         metrics={t.name: Statistic.of(per_seed[_metric_key(t)]) for t in tasks},
         delta_m=Statistic.of(per_seed["delta_m_percent"]),
-        balance=Statistic.of(per_seed["balance_ratio"]),
-        largest_weight=Statistic.of(per_seed["largest_weight"]),
         ms_per_step=Statistic.of(per_seed["ms_per_step"]),
         losses=torch.stack([r.losses for r in runs]),
         weights=weights,
+        shares=shares,
+        alphas=alphas,
         per_seed=per_seed,
     )
+
+
+def _over_seeds(per_run: Sequence[Tensor | None]) -> Tensor | None:
+    """``seeds x steps x m``, or None unless every run has the quantity."""
+
+    present = [t for t in per_run if t is not None]
+    return torch.stack(present) if present and len(present) == len(per_run) else None
+
+
+def _settled(values: Tensor) -> Tensor:
+    """The second half of training, where the reported averages are taken."""
+
+    return values[:, values.shape[1] // 2 :]
+
+
+def _weight_quantities(
+    tasks: Sequence[Task], weights: Tensor, shares: Tensor
+) -> dict[str, list[float]]:
+    """Per seed, the averages over steps of the weights, the shares and their balance."""
+
+    quantities = {
+        "share_balance": balance(shares).mean(dim=1).tolist(),
+        "largest_share": shares.max(dim=2).values.mean(dim=1).tolist(),
+        "weight_balance": balance(weights).mean(dim=1).tolist(),
+        "largest_weight": weights.abs().max(dim=2).values.mean(dim=1).tolist(),
+    }
+    for k, task in enumerate(tasks):
+        quantities[f"{task.name} weight"] = weights[:, :, k].mean(dim=1).tolist()
+        quantities[f"{task.name} share"] = shares[:, :, k].mean(dim=1).tolist()
+    return quantities
 
 
 def _metric_key(task: Task) -> str:
@@ -188,7 +252,11 @@ def _metric_key(task: Task) -> str:
 def markdown_report(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     """The tables, one per workload, then the settings and the notes under them."""
 
-    blocks = [_table(summaries, workload) for workload in _workloads(summaries)]
+    blocks = [
+        table(summaries, workload)
+        for workload in _workloads(summaries)
+        for table in (_table, _weights_table)
+    ]
     blocks.append(_settings(summaries, steps, jobs))
     notes = [line for line in (headline_check(summaries), *_collapse_notes(summaries)) if line]
     if notes:
@@ -205,7 +273,13 @@ def _table(summaries: Sequence[Summary], workload: Workload) -> str:
     tasks = workload.tasks
     seeds = ", ".join(map(str, rows[0].seeds))
     header = ["method", *(f"{t.name} ({t.metric})" for t in tasks)]
-    header += ["Δm% vs single-task", "balance w_min/w_max", "largest weight", "ms / step"]
+    header += [
+        "Δm% vs single-task",
+        "share balance s_min/s_max",
+        "largest share",
+        "weight balance w_min/w_max",
+        "ms / step",
+    ]
     lines = [
         f"### {workload.name}: {workload.description} (seeds {seeds})",
         "",
@@ -214,14 +288,42 @@ def _table(summaries: Sequence[Summary], workload: Workload) -> str:
     ]
     for s in rows:
         cells = [s.label, *(s.metrics[t.name].format(3) for t in tasks)]
+        cells.append("0 (reference)" if s.delta_m is None else s.delta_m.format(2, signed=True))
         cells += [
-            "0 (reference)" if s.delta_m is None else s.delta_m.format(2, signed=True),
-            "—" if s.balance is None else s.balance.format(3),
-            "—" if s.largest_weight is None else s.largest_weight.format(3),
-            f"{s.ms_per_step.mean:.1f}",
+            _cell(s.statistic(quantity))
+            for quantity in ("share_balance", "largest_share", "weight_balance")
         ]
+        cells.append(f"{s.ms_per_step.mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _weights_table(summaries: Sequence[Summary], workload: Workload) -> str:
+    """Per method and task, the applied weight w and the share s of the update, as means."""
+
+    rows = [s for s in summaries if s.workload.name == workload.name and s.method is not None]
+    header = ["method", *(f"{t.name} w / s" for t in workload.tasks)]
+    lines = [
+        f"Task weights w (applied, unit total) and shares s of the update on {workload.name}, "
+        "mean over seeds:",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" + "|---:" * (len(header) - 1) + "|",
+    ]
+    for s in rows:
+        cells = [s.label]
+        for task in workload.tasks:
+            weight, share = s.statistic(f"{task.name} weight"), s.statistic(f"{task.name} share")
+            if weight is None or share is None:
+                cells.append("—")
+            else:
+                cells.append(f"{weight.mean:.3f} / {share.mean:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(statistic: Statistic | None) -> str:
+    return "—" if statistic is None else statistic.format(3)
 
 
 def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
@@ -234,11 +336,15 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "Test metrics on the held-out 20%, mean ± standard deviation over seeds. Δm% is the mean "
         "over tasks of 100 (M - M_single) / M_single against the single-task baseline of the "
         "same seed (the same network with one head, trained on its task alone), as LibMTL's "
-        "count_improvement; every metric here is higher-is-better. Balance and largest weight "
-        "are averaged over the second half of training; Golden Pendulum's weights are its QP "
-        "solution (as its paper reports them), the others' the weights `jac_to_grad` returns, "
-        f"normalised to unit total. ms / step: one thread per run, {jobs} run(s) at a time; "
-        "for the baselines, one step of each of their networks.",
+        "count_improvement; every metric here is higher-is-better. For every method, w_k are "
+        "the weights it applied to the rows g_k of the trunk's Jacobian (those `jac_to_grad` "
+        "returns), normalised to unit total, and s_k = |w_k| ||g_k|| / sum_j |w_j| ||g_j|| is "
+        "task k's share of the update; balances are min_k / max_k, and every one of these is "
+        "averaged over the second half of training; — for a method that applies no weights. "
+        "GCond's update carries a momentum, so its weights are those of its resolved gradient "
+        "before it (`resolution_weights`). "
+        f"ms / step: one thread per run, {jobs} run(s) at a time; for the baselines, one step "
+        "of each of their networks.",
         "",
     ]
     configured: dict[str, list[tuple[str, Method]]] = {}  # label: (workload, method) pairs
@@ -262,40 +368,66 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
 
 
 def headline_check(summaries: Sequence[Summary]) -> str | None:
-    """
-    Golden Pendulum's and NashMTL's balance on the synthetic workload against the paper's table
-    (0.24 and 0.04); None when either method was not run there.
+    r"""
+    The α balance (the paper's check): Golden Pendulum's :math:`\alpha_{\min}/\alpha_{\max}` on
+    the synthetic workload against its paper's 0.24, and NashMTL's :math:`w_{\min}/w_{\max}`
+    against its 0.04 when NashMTL ran; then both methods on the same basis. None when Golden
+    Pendulum was not run there.
     """
 
-    found = {}
+    found: dict[str, Summary] = {}
     for s in summaries:
-        name = None if s.method is None else type(s.method.aggregator).__name__
-        if s.workload.name == PAPER_WORKLOAD and name in PAPER_BALANCE and s.balance is not None:
-            found[name] = s.balance
-    if set(found) != set(PAPER_BALANCE):
+        if s.method is not None and s.workload.name == PAPER_WORKLOAD:
+            found.setdefault(type(s.method.aggregator).__name__, s)
+    golden, nash = found.get("GoldenPendulum"), found.get("NashMTL")
+    alpha = None if golden is None else golden.statistic("alpha_balance")
+    if golden is None or alpha is None:
         return None
-    golden, nash = found["GoldenPendulum"], found["NashMTL"]
-    reproduced = math.isclose(golden.mean, 0.24, abs_tol=0.03) and nash.mean <= 0.1
-    return (
-        "Check against the Golden Pendulum paper (4 tasks, 300x loss disparity): balance "
-        f"w_min/w_max of GoldenPendulum {golden.format(3)} (paper 0.24), of NashMTL "
-        f"{nash.format(3)} (paper 0.04): {'reproduced' if reproduced else 'NOT reproduced'}."
+    reproduced = math.isclose(alpha.mean, PAPER_ALPHA_BALANCE, abs_tol=0.03)
+    checked = [
+        f"GoldenPendulum's α_min/α_max, its QP solution (weights on the normalised gradients), "
+        f"{alpha.format(3)} (paper {PAPER_ALPHA_BALANCE})"
+    ]
+    same_basis = [golden]
+    nash_weights = None if nash is None else nash.statistic("weight_balance")
+    if nash is not None and nash_weights is not None:
+        reproduced = reproduced and nash_weights.mean <= 0.1
+        checked.append(
+            f"NashMTL's w_min/w_max, its weights on the raw gradients, {nash_weights.format(3)} "
+            f"(paper {PAPER_NASH_BALANCE})"
+        )
+        same_basis.append(nash)
+    comparable = "; ".join(
+        f"{s.label} w_min/w_max {_mean(s, 'weight_balance')}, s_min/s_max "
+        f"{_mean(s, 'share_balance')}"
+        for s in same_basis
     )
+    return (
+        "α balance (paper's check), 4 tasks with a 300x loss disparity: "
+        f"{'; '.join(checked)}: {'reproduced' if reproduced else 'NOT reproduced'}. "
+        f"On the basis every table row uses (applied weights, shares of the update): {comparable}."
+    )
+
+
+def _mean(summary: Summary, quantity: str) -> str:
+    statistic = summary.statistic(quantity)
+    return "—" if statistic is None else f"{statistic.mean:.3f}"
 
 
 def _collapse_notes(summaries: Sequence[Summary]) -> list[str]:
     notes = []
     for s in summaries:
-        if s.method is None or s.weights is None or s.largest_weight is None:
-            continue  # the baselines
-        if s.largest_weight.mean < COLLAPSE_WEIGHT:
+        largest = s.statistic("largest_weight")
+        if s.method is None or s.weights is None or largest is None:
+            continue  # the baselines, and methods without weights
+        if largest.mean < COLLAPSE_WEIGHT:
             continue
-        settled = s.weights[:, s.weights.shape[1] // 2 :].mean(dim=(0, 1))
+        settled = _settled(s.weights).abs().mean(dim=(0, 1))
         task = s.workload.tasks[int(settled.argmax())].name
         reason = s.method.settings.collapse_reason or "its weighting rule drives it there."
         notes.append(
             f"{s.label} collapses onto {task!r} on {s.workload.name} (largest weight "
-            f"{s.largest_weight.mean:.2f}): {reason}"
+            f"{largest.mean:.2f}): {reason}"
         )
     return notes
 

@@ -14,7 +14,6 @@ from functools import cache
 
 import torch
 from torch import Tensor, nn
-from torchjd.aggregation import Aggregator
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from ._methods import ADAM_BETAS, BATCH_SIZE, LEARNING_RATE, Method, build_method
@@ -52,7 +51,23 @@ class Run:
     """Training loss per step and task, ``steps x m`` (a baseline: ``steps x 1``)."""
 
     weights: Tensor | None
-    """Task weights per step, normalised to unit total, ``steps x m`` (a baseline: None)."""
+    r"""
+    The task weights the method applied (those ``jac_to_grad`` returned, on the rows of the
+    trunk's Jacobian) per step, normalised to unit total :math:`\sum_k |w_k| = 1`, ``steps x m``;
+    None for a baseline and for a method that does not combine the rows with weights (GradDrop).
+    """
+
+    shares: Tensor | None
+    """
+    Each task's share of the update per step, :func:`update_shares` of the applied weights and
+    the rows' norms, ``steps x m``; None where ``weights`` is.
+    """
+
+    alphas: Tensor | None = None
+    r"""
+    Golden Pendulum's QP solution :math:`\alpha` per step (its weights on the normalised
+    gradients, the quantity its paper reports), ``steps x m``; None for the other methods.
+    """
 
 
 class MultiTaskNetwork(nn.Module):
@@ -85,7 +100,9 @@ def run_job(job: Job) -> Run:
     if job.task is not None:
         return _train_single_task(workload, job, job.task, device)
     assert job.method is not None
-    return _train_method(workload, job, build_method(job.method, workload, job.steps), device)
+    return _train_method(
+        workload, job, build_method(job.method, workload, job.steps, device), device
+    )
 
 
 def _train_method(workload: Workload, job: Job, method: Method, device: torch.device) -> Run:
@@ -96,7 +113,17 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
         aggregator.tasks = [task.name for task in workload.tasks]  # type: ignore[assignment]
     optimizer = _adam(network, method.settings.adam_betas)
     inputs, targets = workload.train_inputs.to(device), workload.train_targets.to(device)
-    weight_history, loss_history = [], []
+    loss_history: list[Tensor] = []
+    weight_history: list[Tensor] = []
+    alpha_history: list[Tensor] = []
+    norm_history: list[Tensor] = []
+
+    def read_row_norms(_aggregator: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        # The norms of the rows the aggregator combines (the square roots of its Gramian's
+        # diagonal), read from its input as it is called: no extra backward pass.
+        norm_history.append(torch.linalg.vector_norm(inputs[0].detach(), dim=1))
+
+    hook = aggregator.register_forward_pre_hook(read_row_norms)
 
     with warnings.catch_warnings():
         # cvxpy says at every NashMTL solve that its problem cannot be cached, and now and then
@@ -118,17 +145,63 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
             returned = jac_to_grad(network.trunk.parameters(), aggregator)
             optimizer.step()
             optimizer.zero_grad()
-            weight_history.append(_task_weights(aggregator, returned, len(losses), device))
             loss_history.append(torch.stack(losses).detach())
+            applied = applied_weights(aggregator, returned)
+            # Copies: a stateful method may update the tensors it returned in place.
+            if applied is not None:
+                weight_history.append(applied.detach().clone())
+            alpha = getattr(aggregator, "alpha", None)
+            if isinstance(alpha, Tensor):  # Golden Pendulum's
+                alpha_history.append(alpha.detach().clone())
         seconds = (time.perf_counter() - start) / job.steps
+    hook.remove()
 
+    # Normalised after the timed loop, so that the time per step is the method's own.
+    weights = _stacked(weight_history, job.steps)
     return Run(
         job=job,
         metrics=_evaluate(network, workload, workload.tasks, range(len(workload.tasks)), device),
         seconds_per_step=seconds,
         losses=torch.stack(loss_history).cpu(),
-        weights=torch.stack(weight_history).cpu(),
+        weights=None if weights is None else weights / weights.abs().sum(dim=1, keepdim=True),
+        shares=None if weights is None else update_shares(weights, torch.stack(norm_history).cpu()),
+        alphas=_stacked(alpha_history, job.steps),
     )
+
+
+def applied_weights(aggregator: nn.Module, returned: Tensor | None) -> Tensor | None:
+    """
+    The weights a method applied to the rows of the Jacobian: those ``jac_to_grad`` returned, or
+    for GCond, whose update carries a momentum (it returns none), the weights of its resolved
+    gradient before the momentum (``resolution_weights``); ``None`` for a method without.
+    """
+
+    if returned is not None:
+        return returned
+    resolution = getattr(aggregator, "resolution_weights", None)
+    return resolution if isinstance(resolution, Tensor) else None
+
+
+def update_shares(weights: Tensor, row_norms: Tensor) -> Tensor:
+    r"""
+    Each task's share of the update :math:`\sum_j w_j g_j`: :math:`s_k = |w_k| \|g_k\| / \sum_j
+    |w_j| \|g_j\|`, the part of the step's length that task :math:`k`'s gradient contributes
+    before the rows add up (the "gradient bandwidth" a task gets), over the last dimension (one
+    step, or ``steps x m``). Scale-free in the weights; all zeros when every product is zero.
+    """
+
+    contributions = weights.abs() * row_norms
+    total = contributions.sum(dim=-1, keepdim=True)
+    return contributions / torch.where(total > 0, total, 1.0)
+
+
+def _stacked(history: Sequence[Tensor], steps: int) -> Tensor | None:
+    """
+    ``steps x m`` in float32 on the CPU, or None for a quantity the method did not give at every
+    step.
+    """
+
+    return torch.stack(list(history)).float().cpu() if len(history) == steps else None
 
 
 def _train_single_task(workload: Workload, job: Job, index: int, device: torch.device) -> Run:
@@ -158,6 +231,7 @@ def _train_single_task(workload: Workload, job: Job, index: int, device: torch.d
         seconds_per_step=seconds,
         losses=torch.stack(loss_history).unsqueeze(1).cpu(),
         weights=None,
+        shares=None,
     )
 
 
@@ -191,20 +265,3 @@ def _evaluate(
             task.name: task.score(output, targets[:, column])
             for task, output, column in zip(tasks, outputs, columns, strict=True)
         }
-
-
-def _task_weights(
-    aggregator: Aggregator, returned: Tensor | None, m: int, device: torch.device
-) -> Tensor:
-    """
-    The method's task weights, normalised to unit total: Golden Pendulum's QP solution (the
-    weights its paper reports, on normalised gradients), else the weights ``jac_to_grad``
-    returned; uniform for an aggregator that has none.
-    """
-
-    alpha = getattr(aggregator, "alpha", None)
-    weights = alpha if isinstance(alpha, Tensor) and alpha.numel() == m else returned
-    if weights is None:
-        return torch.full((m,), 1.0 / m, device=device)
-    weights = weights.detach().float()
-    return weights / weights.abs().sum()

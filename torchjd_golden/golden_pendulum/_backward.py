@@ -4,8 +4,9 @@ done with torchjd: one ``backward`` for the Jacobian instead of one backward pas
 
 The reference computes each task's gradient with ``loss.backward()`` after clearing the ``.grad``
 fields of the shared parameters, then writes the balanced gradient into them. So the shared
-parameters' ``.grad`` is replaced, and every other trainable parameter of the model that the
-losses reach gets the sum of the tasks' gradients added to its ``.grad``.
+parameters' ``.grad`` is replaced, and every other tensor that requires gradients and that the
+losses reach gets the sum of the tasks' gradients added to its ``.grad``: the model's other
+parameters, and tensors outside the model too (an uncertainty weighting's log-variances).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad
 
 from .._gramian import compute_gramian
+from .._torchjd_compat import leaf_tensors
 
 
 def shared_parameters(model: nn.Module, shared_params: Iterable[Tensor] | None) -> list[Tensor]:
@@ -40,13 +42,16 @@ def single_task_backward(losses: Mapping[str, Tensor]) -> dict[str, float]:
 
 
 def _jacobian_rows(
-    losses: Mapping[str, Tensor], model: nn.Module, shared: list[Tensor], *, retain_graph: bool
+    losses: Mapping[str, Tensor], shared: list[Tensor], *, retain_graph: bool
 ) -> None:
-    """Fills ``.jac`` of ``shared`` and adds the summed gradients to the other parameters."""
+    """
+    Fills ``.jac`` of ``shared`` and adds the summed gradients to every other leaf the losses
+    reach that requires gradients, in the model or not.
+    """
 
-    shared_ids = {id(p) for p in shared}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in shared_ids]
     stacked = torch.stack(list(losses.values()))
+    shared_ids = {id(p) for p in shared}
+    others = [leaf for leaf in leaf_tensors(stacked) if id(leaf) not in shared_ids]
     backward(stacked, inputs=shared, retain_graph=retain_graph or bool(others))
     if others:
         torch.autograd.backward(stacked.sum(), inputs=others, retain_graph=retain_graph)
@@ -61,7 +66,7 @@ def balanced_backward(
     """Writes ``aggregator``'s combination of the tasks' gradients into the shared parameters."""
 
     shared = shared_parameters(model, shared_params)
-    _jacobian_rows(losses, model, shared, retain_graph=False)
+    _jacobian_rows(losses, shared, retain_graph=False)
     for parameter in shared:
         parameter.grad = None
     jac_to_grad(shared, aggregator)
@@ -76,7 +81,7 @@ def task_gramian(
     """
 
     shared = shared_parameters(model, shared_params)
-    _jacobian_rows(losses, model, shared, retain_graph=True)
+    _jacobian_rows(losses, shared, retain_graph=True)
     jacobians = []
     for parameter in shared:
         jacobians.append(parameter.jac.flatten(1))  # type: ignore[attr-defined]

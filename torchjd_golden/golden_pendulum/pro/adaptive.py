@@ -8,10 +8,30 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._adaptive_golden_pendulum import AdaptiveGoldenPendulum, conflicting_fraction
+from ..._adaptive_golden_pendulum import (
+    _MIN_LOSS,
+    AdaptiveGoldenPendulum,
+    AdaptiveGoldenPendulumWeighting,
+    conflicting_fraction,
+)
 from ..._gramian import normalize_gramian
 from .._backward import balanced_backward, single_task_backward, weights_by_name
 from .._settings import aggregator_setting
+
+
+class _ReferenceLossRatioWeighting(AdaptiveGoldenPendulumWeighting):
+    """
+    The reference's loss ratio: the smallest loss floored at 1e-10, even when it is zero or
+    negative (the native class leaves the average alone at such a step).
+    """
+
+    @staticmethod
+    def _step_loss_ratio(losses: Tensor) -> Tensor:
+        return losses.max() / losses.min().clamp(min=_MIN_LOSS)
+
+
+class _ReferenceAdaptiveGoldenPendulum(AdaptiveGoldenPendulum):
+    _weighting_class = _ReferenceLossRatioWeighting
 
 
 class AdaptiveLambda:
@@ -38,7 +58,7 @@ class AdaptiveLambda:
         min_weight_fraction: float = 0.02,
         pcgrad: bool = True,
     ) -> None:
-        self.aggregator = AdaptiveGoldenPendulum(
+        self.aggregator: AdaptiveGoldenPendulum = _ReferenceAdaptiveGoldenPendulum(
             lam_init=lam_init,
             lam_min=lam_min,
             lam_max=lam_max,
@@ -96,7 +116,7 @@ class AdaptiveLambda:
         if len(losses) <= 1:
             return single_task_backward(losses)
         values = torch.stack([loss.detach() for loss in losses.values()]).tolist()  # one read
-        loss_ratio = max(values) / max(min(values), 1e-10)
+        loss_ratio = max(values) / max(min(values), _MIN_LOSS)
         self.aggregator.tasks = list(losses)  # per-task state follows the names
         self.aggregator.losses = torch.tensor(values, dtype=torch.float64)
         balanced_backward(losses, model, shared_params, self.aggregator)

@@ -121,12 +121,10 @@ class CurriculumScheduler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resumes at the saved position; the next :meth:`backward` enters the phase again."""
+        """
+        Resumes at the saved position; the next :meth:`backward` enters the phase again. As the
+        reference, the phases are not checked (:meth:`torchjd_golden.Curriculum.load_state_dict`
+        refuses a checkpoint of other phases).
+        """
 
-        self._curriculum.load_state_dict(
-            {
-                "phase_index": state["phase_idx"],
-                "phase_step": state["phase_step"],
-                "global_step": state["global_step"],
-            }
-        )
+        self._curriculum.resume_at(state["phase_idx"], state["phase_step"], state["global_step"])

@@ -25,6 +25,20 @@ class TaskGroup:
     lam: float | None = None
 
 
+class _SharedTasksWeighting(native.DynamicKWeighting):
+    """
+    The reference lets a task be in several groups (one named in two, or ``add_task`` into a
+    second): it takes part in each group's QP and takes the weight of the last. The native class
+    refuses such groups.
+    """
+
+    _shared_tasks_allowed = True
+
+
+class _ReferenceDynamicK(native.DynamicK):
+    _weighting_class = _SharedTasksWeighting
+
+
 class DynamicK:
     """
     Golden Pendulum within task groups and golden-ratio weights across them, as
@@ -45,7 +59,7 @@ class DynamicK:
         min_weight_fraction: float = 0.02,
         pcgrad: bool = True,
     ) -> None:
-        self.aggregator = native.DynamicK(
+        self.aggregator: native.DynamicK = _ReferenceDynamicK(
             auto_group=auto_group,
             regroup_every=regroup_every,
             similarity_threshold=similarity_threshold,
@@ -88,7 +102,6 @@ class DynamicK:
         balanced_backward(losses, model, shared_params, aggregator)
         if regroups:
             self._groups = [TaskGroup(g.name, {str(t) for t in g.tasks}) for g in aggregator.groups]
-        assert aggregator.alpha is not None  # set by the call
         alpha = weights_by_name(losses, aggregator.alpha)
         weights = {
             str(name): alpha[str(name)]
