@@ -321,9 +321,7 @@ def two_process_table(repeat: int, task_counts: tuple[int, ...] = (2, 8)) -> Non
             counted = _traffic(traffic[name])
             if layout == "ddp" and name in ("plain", "features"):
                 counted += f" + DDP's all-reduce of {n * 4 / 1e6:.2f} MB"
-            print(
-                f"| {layout} | {m} | {name} | {1e3 * seconds:.1f} | {ratio:.2f} | {counted} |"
-            )
+            print(f"| {layout} | {m} | {name} | {1e3 * seconds:.1f} | {ratio:.2f} | {counted} |")
     floor_rows = [
         (m, t["parameters"] / t["m plain backward passes"])
         for layout, m, _, t, _ in rows

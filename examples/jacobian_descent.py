@@ -64,7 +64,9 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    print("source       ms/step  last weights                    max relative difference to torchjd")
+    print(
+        "source       ms/step  last weights                    max relative difference to torchjd"
+    )
     for source in ("parameters", "features"):
         network = copy.deepcopy(original)
         if args.compile:  # in parts: the features stay an intermediate of the losses' graph

@@ -5,8 +5,9 @@ batches, or one rank of a DDP or FSDP2 group on its half of each.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -15,17 +16,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torchjd.aggregation import (
     IMTLG,
     MGDA,
-    PCGrad,
-    UPGrad,
-    AlignedMTL,
     Aggregator,
+    AlignedMTL,
     DualProj,
     Mean,
+    PCGrad,
     Sum,
     TrimmedMean,
+    UPGrad,
 )
 from torchjd.aggregation import ExcessMTL as TorchjdExcessMTL
 
+from torchjd_golden import ConflictMonitor
 from torchjd_golden.step import GramianSource, JacobianDescent
 
 from ._methods import AGGREGATORS
@@ -114,6 +116,7 @@ class Run:
     weights: list[Tensor | None]
     gradients: list[Tensor]
     state: dict[str, Any]
+    norms: list[list[float]] = field(default_factory=list)  # the attached monitor's, per step
 
 
 def flat(tensors: list[Tensor]) -> Tensor:
@@ -142,9 +145,11 @@ def train(
     network = Network().to(dtype)
     model = wrapped(network, layout)
     aggregator = FACTORIES[name]()
+    monitor = ConflictMonitor()  # a hook on the weighting: it sees the whole batch's Gramian
+    monitor.attach(aggregator)
     engine = JacobianDescent(model, aggregator, shared=network.trunk, gramian_from=source)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
-    weights, gradients = [], []
+    weights, gradients, norms = [], [], []
     for step in range(steps):
         inputs, targets = batch(step, dtype)
         features, losses = model(half(inputs, rank), half(targets, rank))
@@ -152,6 +157,7 @@ def train(
         result = engine.backward(named, features=features)
         weights.append(None if result is None else result.detach().clone())
         gradients.append(flat([whole(p.grad) for p in network.parameters()]))  # type: ignore[arg-type]
+        norms.append(list(monitor.report().gradient_norms.values()))
         optimizer.step()
         optimizer.zero_grad()
     return Run(
@@ -159,6 +165,7 @@ def train(
         weights=weights,
         gradients=gradients,
         state={k: v.clone() for k, v in aggregator.state_dict().items()},
+        norms=norms,
     )
 
 
@@ -177,3 +184,38 @@ def wrapped(network: nn.Module, layout: Layout) -> nn.Module:
             fully_shard(head)
         fully_shard(network)
     return network
+
+
+def resumed(name: str, *, layout: Layout, rank: int | None, steps: int = 4) -> tuple[Run, Run]:
+    """
+    Two runs of ``steps`` steps: one uninterrupted, one whose aggregator (and engine) is replaced
+    half-way by a fresh one loaded with this rank's ``state_dict`` of the first, through
+    ``torch.save`` and ``torch.load(weights_only=True)``.
+    """
+
+    runs = []
+    for restart in (None, steps // 2):
+        torch.manual_seed(0)
+        network = Network().double()
+        model = wrapped(network, layout)
+        aggregator = FACTORIES[name]()
+        engine = JacobianDescent(model, aggregator, shared=network.trunk)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
+        gradients = []
+        for step in range(steps):
+            if step == restart:
+                buffer = io.BytesIO()
+                torch.save(aggregator.state_dict(), buffer)
+                buffer.seek(0)
+                aggregator = FACTORIES[name]()
+                aggregator.load_state_dict(torch.load(buffer, weights_only=True))
+                engine = JacobianDescent(model, aggregator, shared=network.trunk)
+            inputs, targets = batch(step)
+            features, losses = model(half(inputs, rank), half(targets, rank))
+            engine.backward(losses, features=features)
+            gradients.append(flat([whole(p.grad) for p in network.parameters()]))  # type: ignore[arg-type]
+            optimizer.step()
+            optimizer.zero_grad()
+        state = {k: v.clone() for k, v in aggregator.state_dict().items()}
+        runs.append(Run([whole(p) for p in network.parameters()], [], gradients, state))
+    return runs[0], runs[1]

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from torchjd.aggregation import Constant, UPGrad
+from torchjd.aggregation import Constant, Mean, UPGrad
+from torchjd.aggregation import ExcessMTL as TorchjdExcessMTL
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from torchjd_golden import ExcessMTL
+from torchjd_golden import ExcessMTL, GCond, GoldenPendulum, with_grad_scaler
 from torchjd_golden.step import GramianSource, JacobianDescent
+from torchjd_golden.step._sharded import column_split
 
 from ._asserts import relative_error
 from ._methods import NamedMean
@@ -29,6 +31,7 @@ from ._step import (
     Run,
     batch,
     flat,
+    resumed,
     takes_gramian,
     train,
 )
@@ -148,18 +151,24 @@ def _case_id(case: tuple[str, GramianSource, torch.dtype]) -> str:
     return f"{name}-{source}-{str(dtype).removeprefix('torch.')}"
 
 
-def _train_cases(layout: str, rank: int) -> dict[str, Run]:
-    return {
+_SPLIT_STATE = ("ExcessMTL", "GCond")  # state kept per rank, for the rank's columns
+
+
+def _train_cases(layout: str, rank: int) -> dict[str, Any]:
+    runs: dict[str, Any] = {
         _case_id(case): train(case[0], case[1], layout=layout, rank=rank, dtype=case[2])  # type: ignore[arg-type]
         for case in _CASES
     }
+    for name in _SPLIT_STATE:
+        runs[f"resumed {name}"] = resumed(name, layout=layout, rank=rank)  # type: ignore[arg-type]
+    return runs
 
 
-def _ddp_cases(rank: int) -> dict[str, Run]:
+def _ddp_cases(rank: int) -> dict[str, Any]:
     return _train_cases("ddp", rank)
 
 
-def _fsdp_cases(rank: int) -> dict[str, Run]:
+def _fsdp_cases(rank: int) -> dict[str, Any]:
     return _train_cases("fsdp", rank)
 
 
@@ -194,6 +203,9 @@ def test_two_processes_train_like_one_on_the_whole_batch(
             assert relative_error(mine, expected) <= tolerance  # type: ignore[arg-type]
     for mine, expected in zip(first.gradients, alone.gradients, strict=True):
         assert relative_error(mine, expected) <= tolerance
+    # A monitor hooked on the weighting records the whole batch's Gramian, as one process does.
+    for mine_norms, expected_norms in zip(first.norms, alone.norms, strict=True):
+        assert mine_norms == pytest.approx(expected_norms, rel=tolerance)
 
 
 # -- graphs that torch.vmap cannot go through -----------------------------------------------------
@@ -220,7 +232,8 @@ def test_a_compiled_model_trains_as_the_eager_one(source: GramianSource, compile
             part.compile(backend="aot_eager")
     engine = JacobianDescent(model, UPGrad(), shared=network.trunk, gramian_from=source)
     eager = JacobianDescent(twin, UPGrad(), shared=twin.trunk, gramian_from=source)
-    assert engine.per_task and not eager.per_task
+    assert engine.per_task
+    assert not eager.per_task
     for step in range(2):
         inputs, targets = batch(step)
         features, losses = model(inputs, targets)
@@ -282,7 +295,7 @@ def test_activation_checkpointing_with_dropout(source: GramianSource) -> None:
 
 @pytest.mark.parametrize("name", ["GCond", "GoldenPendulum", "ExcessMTL"])
 def test_micro_batches_accumulate_then_resolve(name: str) -> None:
-    """``accumulate`` twice and ``resolve`` once: torchjd's accumulated ``.jac``, one aggregation."""
+    """Two ``accumulate`` and one ``resolve``: torchjd's accumulated ``.jac``, one aggregation."""
 
     torch.manual_seed(0)
     network = Network().double()
@@ -295,7 +308,9 @@ def test_micro_batches_accumulate_then_resolve(name: str) -> None:
             features, losses = network(inputs, targets)
             engine.accumulate(losses / 2, features=features)
             twin_features, twin_losses = twin(inputs, targets)
-            mtl_backward(list((twin_losses / 2).unbind()), features=twin_features, retain_graph=True)
+            mtl_backward(
+                list((twin_losses / 2).unbind()), features=twin_features, retain_graph=True
+            )
         weights = engine.resolve()
         expected = jac_to_grad(list(twin.trunk.parameters()), twin_aggregator)
         assert (weights is None) == (expected is None)
@@ -363,7 +378,9 @@ def test_a_grad_scaler_sees_the_unscaled_step(name: str, source: GramianSource) 
     before = {k: v.clone() for k, v in aggregator.state_dict().items()}
     inputs, targets = batch(3)
     features, losses = network(inputs, targets)
-    engine.backward(scaler.scale(losses * torch.tensor([1.0, float("inf"), 1.0])), features=features)
+    engine.backward(
+        scaler.scale(losses * torch.tensor([1.0, float("inf"), 1.0])), features=features
+    )
     assert not all(bool(p.grad.isfinite().all()) for p in network.trunk.parameters())  # type: ignore[union-attr]
     for key, value in aggregator.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -408,3 +425,47 @@ def test_bad_input_is_refused_with_a_message() -> None:
     _, other_losses = network(*batch(1))
     with pytest.raises(ValueError, match="tasks changed within one step"):
         exact.accumulate(dict(zip(("a", "b", "c"), other_losses.unbind(), strict=True)))
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", _SPLIT_STATE)
+def test_a_split_state_is_per_rank_and_resumes_identically(
+    name: str, layout: str, request: pytest.FixtureRequest
+) -> None:
+    """
+    ExcessMTL's squared-gradient sums and GCond's previous rows and momentum cover this rank's
+    columns only (about half of the trunk's on each of two ranks), and a run resumed from each
+    rank's own checkpoint continues bit-identically.
+    """
+
+    runs: list[dict[str, Any]] = request.getfixturevalue(f"{layout}_runs")
+    n = sum(p.numel() for p in Network().trunk.parameters())
+    widths = []
+    for rank in range(2):
+        uninterrupted, restarted = runs[rank][f"resumed {name}"]
+        for mine, expected in zip(restarted.gradients, uninterrupted.gradients, strict=True):
+            assert torch.equal(mine, expected)
+        for key, value in uninterrupted.state.items():
+            assert torch.equal(restarted.state[key], value), key
+        per_column = "sq_grad_sum" if name == "ExcessMTL" else "momentum"
+        state = uninterrupted.state[next(k for k in uninterrupted.state if k.endswith(per_column))]
+        widths.append(state.shape[-1])
+    assert sum(widths) >= n  # blocks, not the whole row
+    assert max(widths) <= -(-n // 2) + 1
+
+
+def test_how_each_aggregator_splits_over_the_ranks() -> None:
+    """Gramian weightings by their Gramian, ExcessMTL and GCond by blocks, the others whole."""
+
+    scaler = torch.amp.GradScaler("cpu")
+    assert column_split(GoldenPendulum()) == "gramian"
+    assert column_split(UPGrad()) == "gramian"
+    assert column_split(with_grad_scaler(GoldenPendulum(), scaler)) == "gramian"
+    for blocks in (ExcessMTL(), GCond(), GCond(momentum_beta=0.0)):
+        assert column_split(blocks) == "blocks"
+        assert column_split(with_grad_scaler(blocks, scaler)) == "blocks"
+    assert column_split(Mean()) == "whole"
+    assert column_split(TorchjdExcessMTL()) == "whole"  # its sums are not reduced over blocks
+    compiled = ExcessMTL()
+    compiled.compile(backend="eager")  # cannot read which block it runs on
+    assert column_split(compiled) == "whole"

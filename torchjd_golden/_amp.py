@@ -102,6 +102,11 @@ class UnscaledWeighting(Weighting[Any]):
         super().__init__()
         self.weighting, self.scaler, self.power = weighting, scaler, power
 
+    @property
+    def splits_over_columns(self) -> bool:
+        """Whether the wrapped weighting runs on blocks of columns (see the step engine)."""
+        return bool(getattr(self.weighting, "splits_over_columns", False))
+
     def forward(self, stat: Tensor, /) -> Tensor:
         scale = _current_scale(self.scaler, stat)
         return self.weighting(stat if scale is None else stat / scale**self.power)
@@ -117,6 +122,11 @@ class UnscaledAggregator(_NamedAfterTheWrapped, Aggregator):
         super().__init__()
         self.aggregator, self.scaler = aggregator, scaler
         self._name_after(aggregator)
+
+    @property
+    def splits_over_columns(self) -> bool:
+        """Whether the wrapped aggregator runs on blocks of columns (see the step engine)."""
+        return bool(getattr(self.aggregator, "splits_over_columns", False))
 
     def forward(self, matrix: Tensor, /) -> Tensor:
         scale = _current_scale(self.scaler, matrix)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from torchjd import Stateful
 from torchjd.linalg import Matrix
 
 from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
-from ._gramian import accumulation_dtype, nan_unless
+from ._gramian import accumulation_dtype, in_column_blocks, nan_unless, over_all_columns
 from ._kernels._paths import chosen_path
 from ._state import LazyState
 from ._tasks import NamedTasks, TaskNames
@@ -129,6 +129,14 @@ def binary_exponents(values: Tensor) -> Tensor:
     return torch.where((values == 0.0) | (field == _EXPONENT_MASK), 0, exponents)
 
 
+def _row_norms(matrix: Tensor) -> Tensor:
+    """The norms of the whole rows of ``matrix`` (one block of columns of them, in a step split
+    over the ranks: their squares are summed over the blocks)."""
+
+    norms: Tensor = torch.linalg.vector_norm(matrix, dim=1)
+    return norms if not in_column_blocks() else over_all_columns(norms.square()).sqrt()
+
+
 class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
@@ -183,6 +191,9 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         The paper (Appendix C.1) recommends three epochs: ``3 * len(dataloader)``.
     """
 
+    # Its row statistics are sums and maxima over the columns, reduced by over_all_columns: in a
+    # multi-process step it runs on each rank's block of columns (see the step engine).
+    splits_over_columns: ClassVar[bool] = True
     _state_names = (
         "sq_grad_sum",
         "task_weights",
@@ -259,8 +270,8 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         read: Tensor | Literal[True] = (
             True if chosen_path(matrix) == "host" and bool(finite) else finite
         )
-        risks = accumulate_excess_risks(
-            matrix.detach(), self.sq_grad_sum, read, scales, rescales, rows
+        risks = over_all_columns(
+            accumulate_excess_risks(matrix.detach(), self.sq_grad_sum, read, scales, rescales, rows)
         )
         if scales is None:  # all ones, unchanged
             scales = self._task_rows("sq_grad_scale", rows)
@@ -308,7 +319,7 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         if chosen_path(matrix) == "host":
             # One fast reduction over J decides, before S is touched, whether this step may change
             # state; only rows too long for float32 squares take the slower largest-entry pass.
-            norms = torch.linalg.vector_norm(matrix, dim=1)
+            norms = _row_norms(matrix)
             if bool(torch.isfinite(norms).all()) and bool((norms < _UNSCALED_BELOW).all()):
                 if bool((previous == 1.0).all()):
                     return torch.ones((), dtype=torch.bool, device=matrix.device), None, None
@@ -317,6 +328,8 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
                 largest = torch.maximum(matrix.amax(dim=1), -matrix.amin(dim=1))
         else:
             largest = torch.maximum(matrix.amax(dim=1), -matrix.amin(dim=1))
+        # The largest entries of the whole rows (a NaN counts as inf: every block sees it).
+        largest = over_all_columns(torch.where(largest.isnan(), torch.inf, largest), "max")
         finite = torch.isfinite(largest).all()
         scales = overflow_free_scales(largest, previous, self.sq_grad_sum.dtype)
         scales = torch.where(finite, scales, previous)

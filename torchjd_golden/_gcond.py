@@ -10,7 +10,7 @@ https://github.com/AlevLab-dev/GCond (commit ``1b0518a``).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,9 @@ class GCondWeighting(
     momentum (in :class:`GCond`) and the step count are shared.
     """
 
+    # Its row statistics are sums and maxima over the columns, reduced by over_all_columns: in a
+    # multi-process step it runs on each rank's block of columns (see the step engine).
+    splits_over_columns: ClassVar[bool] = True
     _state_names = (
         "jacobians",
         "region_tasks",
@@ -397,6 +400,9 @@ class GCond(Aggregator, LazyState, NonDifferentiable):
     """
 
     weighting: GCondWeighting
+    # Its row statistics are sums and maxima over the columns, reduced by over_all_columns: in a
+    # multi-process step it runs on each rank's block of columns (see the step engine).
+    splits_over_columns: ClassVar[bool] = True
     _state_names = ("momentum", "step_count")
     momentum: Tensor
     step_count: Tensor

@@ -19,7 +19,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._gramian import compute_gramian, gramian_and_cross_products, overflowed
+from ._gramian import (
+    compute_gramian,
+    gramian_and_cross_products,
+    in_column_blocks,
+    over_all_columns,
+    overflowed,
+)
 
 
 class Store(NamedTuple):
@@ -42,6 +48,9 @@ def store_products(matrix: Tensor, store: Store, task_ids: Tensor) -> tuple[Tens
 
     m, capacity = matrix.shape[0], store.jacobians.shape[0] // 2
     gramian, cross = gramian_and_cross_products(matrix, store.jacobians, store.previous_half)
+    if in_column_blocks():  # both are sums over the columns: one reduction for the two
+        joined = over_all_columns(torch.cat([gramian.reshape(-1), cross.reshape(-1)]))
+        gramian, cross = joined[: m * m].view(m, m), joined[m * m :].view(m, -1)
     positions = torch.arange(capacity, device=matrix.device)
     scratch = torch.where(store.previous_half == 0, positions + capacity, positions)
     previous = torch.where(store.previous_half == 0, positions, positions + capacity)

@@ -60,16 +60,27 @@ def column_blocks(reduction: RowReduction) -> Iterator[None]:
         _row_reduction.reset(token)
 
 
-def over_all_columns(
-    statistic: Tensor, op: Literal["sum", "max", "min"] = "sum"
-) -> Tensor:
+def in_column_blocks() -> bool:
+    """
+    Whether the methods receive a block of columns of the Jacobian (:func:`column_blocks`); never
+    while :func:`torch.compile` traces, which cannot read the context (the step engine gives a
+    compiled method the whole Jacobian).
+    """
+
+    return not torch.compiler.is_compiling() and _row_reduction.get() is not None
+
+
+def over_all_columns(statistic: Tensor, op: Literal["sum", "max", "min"] = "sum") -> Tensor:
     """
     ``statistic`` of the rows of the whole Jacobian, given that of the rows of the block of columns
     the method received (itself outside of :func:`column_blocks`).
     """
 
+    if not in_column_blocks():
+        return statistic
     reduction = _row_reduction.get()
-    return statistic if reduction is None else reduction(statistic, op)
+    assert reduction is not None
+    return reduction(statistic, op)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,7 +100,8 @@ def compute_gramian(matrix: Tensor, other: Tensor | None = None) -> Tensor:
     A finite input whose products overflow the accumulation dtype (float32 rows longer than
     :math:`1.8 \cdot 10^{19}`) gets them in float64 instead, on the host path (a CPU tensor in
     eager mode, see :mod:`torchjd_golden._kernels`): the check reads the result, which would
-    synchronise an accelerator, where such a Gramian stays non-finite.
+    synchronise an accelerator, where such a Gramian stays non-finite (as it does in a
+    multi-process step, :func:`column_blocks`).
     """
 
     right = matrix if other is None else other
@@ -120,7 +132,9 @@ def overflowed(products: Tensor, *inputs: Tensor) -> bool:
     only (it reads values), and reading the inputs only when the products are not finite.
     """
 
-    if chosen_path(products) != "host" or bool(all_finite(products)):
+    # In a multi-process step the ranks must agree without another collective: as on an
+    # accelerator, an overflowing Gramian stays non-finite there (the step is skipped).
+    if chosen_path(products) != "host" or in_column_blocks() or bool(all_finite(products)):
         return False
     return all(bool(all_finite(tensor)) for tensor in inputs)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
-from ._gramian import compute_gramian, nan_unless, normalize_gramian, row_norms
+from ._gramian import compute_gramian, nan_unless, normalize_gramian, over_all_columns, row_norms
 from ._tasks import default_task_names
 from ._torchjd_compat import GramianWeightingBase
 
@@ -167,11 +167,11 @@ def hook_gramian(inputs: tuple[Tensor, ...], gramian_input: bool) -> Tensor:
     """
     The Gramian of a weighting's call, from the input its forward hook sees: that input when the
     weighting takes the Gramian, computed from the Jacobian (an :math:`O(m^2 n)` product)
-    otherwise.
+    otherwise (from all its columns, in a step that splits them over the ranks).
     """
 
     stat = inputs[0].detach()
-    return stat if gramian_input else compute_gramian(stat)
+    return stat if gramian_input else over_all_columns(compute_gramian(stat))
 
 
 def hook_alpha(module: nn.Module, weights: Tensor) -> Tensor | None:

@@ -77,7 +77,7 @@ class ColumnBlocks:
         self.width = -(-n // ranks.size)
 
     def reduce_scatter_mean(self, matrix: Tensor) -> Tensor:
-        r"""This rank's block of :math:`\frac1R \sum_r J_r`, from this rank's ``matrix`` :math:`J_r`."""
+        r"""This rank's block of :math:`\frac1R \sum_r J_r`, from its ``matrix`` :math:`J_r`."""
 
         m = matrix.shape[0]
         blocks = matrix.new_zeros(self.ranks.size, m, self.width)

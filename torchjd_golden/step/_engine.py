@@ -5,6 +5,7 @@ r"""
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -111,7 +112,8 @@ class JacobianDescent:
     ) -> None:
         if not isinstance(aggregator, Aggregator):
             raise TypeError(
-                "Parameter `aggregator` must be a torchjd Aggregator (for instance GoldenPendulum() "
+                "Parameter `aggregator` must be a torchjd Aggregator (for instance GoldenPendulum()"
+                " "
                 f"or torchjd.aggregation.UPGrad()). Found {type(aggregator).__name__}."
             )
         if gramian_from not in _SOURCES:
@@ -179,15 +181,15 @@ class JacobianDescent:
         """Adds one micro-batch to the step (see :meth:`backward` for the arguments)."""
 
         names, values = task_losses(losses)
-        if self._micro_batches and (names != self._tasks or len(values) != self._m):
+        if self._step.micro_batches and (names != self._step.tasks or len(values) != self._step.m):
             raise ValueError(
                 "The tasks changed within one step, from "
-                f"{list(self._tasks) if self._tasks else self._m} to "
+                f"{list(self._step.tasks) if self._step.tasks else self._step.m} to "
                 f"{list(names) if names else len(values)}: every micro-batch of a step must give "
                 "the same tasks."
             )
         feature_list = _feature_list(features)
-        self._tasks, self._m = names, len(values)
+        self._step.tasks, self._step.m = names, len(values)
         if self.gramian_from == "features":
             if feature_list is None:
                 raise ValueError(
@@ -200,8 +202,10 @@ class JacobianDescent:
         else:
             self._accumulate_jacobians(values, feature_list)
         loss_vector = detached_vector(values)
-        self._loss_sum = loss_vector if self._loss_sum is None else self._loss_sum + loss_vector
-        self._micro_batches += 1
+        self._step.loss_sum = (
+            loss_vector if self._step.loss_sum is None else self._step.loss_sum + loss_vector
+        )
+        self._step.micro_batches += 1
 
     def resolve(self) -> Tensor | None:
         """
@@ -209,12 +213,12 @@ class JacobianDescent:
         the weights (with ``"features"``: the mean of the micro-batches' weights).
         """
 
-        if not self._micro_batches:
+        if not self._step.micro_batches:
             raise RuntimeError("`resolve` needs a micro-batch: call `accumulate` first.")
         try:
             if self.gramian_from == "features":
-                weights = self._weights_sum
-                return None if weights is None else weights / self._micro_batches
+                weights = self._step.weights_sum
+                return None if weights is None else weights / self._step.micro_batches
             if self._layout == "fsdp":
                 return self._resolve_sharded_rows()
             return self._resolve_jacobians()
@@ -262,13 +266,14 @@ class JacobianDescent:
         shared, others = self._split_trainable()
         shared = [p for p in shared if hasattr(p, "jac")]
         if self._layout == "local":
-            set_step_inputs(self.aggregator, self._tasks, self._loss_sum)
+            set_step_inputs(self.aggregator, self._step.tasks, self._step.loss_sum)
             return jac_to_grad(shared, self._aggregator_in_use()) if shared else None
         assert self._ranks is not None
         if others:  # the heads' own gradients, averaged as DDP would
             flat = torch.cat([_gradient_or_zeros(p).reshape(-1) for p in others])
             self._ranks.all_reduce(flat).div_(self._ranks.size)
-            for parameter, piece in zip(others, flat.split([p.numel() for p in others])):
+            pieces = torch.split(flat, [p.numel() for p in others])
+            for parameter, piece in zip(others, pieces, strict=True):
                 parameter.grad = piece.view_as(parameter)
         if not shared:
             return None
@@ -276,15 +281,15 @@ class JacobianDescent:
         aggregator = self._aggregator_in_use()
         if column_split(aggregator) == "whole":
             self._ranks.all_reduce(jacobian).div_(self._ranks.size)
-            self._give_step_inputs(all_reduced=False)
+            self._give_mean_step_inputs()
             update, weights = call_capturing_weights(aggregator, jacobian)
         else:
             blocks = ColumnBlocks(self._ranks, jacobian.shape[1])
             block = blocks.reduce_scatter_mean(jacobian)
             del jacobian
             update_block, weights = aggregate_block(
-                aggregator, block, self._ranks, inputs_of=self.aggregator, tasks=self._tasks,
-                losses=self._loss_sum,
+                aggregator, block, self._ranks, inputs_of=self.aggregator, tasks=self._step.tasks,
+                losses=self._step.loss_sum,
             )  # fmt: skip
             update = blocks.all_gather(update_block)
         write_gradients(shared, update)
@@ -295,17 +300,19 @@ class JacobianDescent:
     def _accumulate_sharded_rows(self, losses: list[Tensor]) -> None:
         assert self._fsdp is not None
         trainable = self._trainable()
-        if self._stashed is None:
-            self._stashed = stash_gradients(trainable)
-            self._step_parameters = trainable
-        elif trainable != self._step_parameters:
+        if self._step.stashed is None:
+            self._step.stashed = stash_gradients(trainable)
+            self._step.parameters = trainable
+        elif trainable != self._step.parameters:
             raise ValueError("The trainable parameters changed within one step.")
         rows = self._fsdp.rows(losses, trainable)
-        self._rows = rows if self._rows is None else self._rows.add_(rows)
+        self._step.rows = rows if self._step.rows is None else self._step.rows.add_(rows)
 
     def _resolve_sharded_rows(self) -> Tensor | None:
-        assert self._fsdp is not None and self._rows is not None and self._stashed is not None
-        parameters, rows = self._step_parameters, self._rows
+        assert self._fsdp is not None
+        assert self._step.rows is not None
+        assert self._step.stashed is not None
+        parameters, rows = self._step.parameters, self._step.rows
         is_shared = torch.cat(
             [
                 torch.full((p.to_local().numel(),), self._is_shared(p), device=rows.device)  # type: ignore[attr-defined]
@@ -317,10 +324,10 @@ class JacobianDescent:
         if bool(is_shared.any()):
             update_block, weights = aggregate_block(
                 self._aggregator_in_use(), rows[:, is_shared], self._fsdp.ranks,
-                inputs_of=self.aggregator, tasks=self._tasks, losses=self._loss_sum,
+                inputs_of=self.aggregator, tasks=self._step.tasks, losses=self._step.loss_sum,
             )  # fmt: skip
             update[is_shared] = update_block.to(update.dtype)
-        write_sharded(parameters, update, self._stashed)
+        write_sharded(parameters, update, self._step.stashed)
         return weights
 
     # -- the fast step: the feature Gramian, then one ordinary backward pass ---------------------
@@ -331,7 +338,7 @@ class JacobianDescent:
         loss_vector = detached_vector(losses)
         if self._ranks is not None:
             gramian, loss_vector = self._all_reduced_feature_gramian(gramian, loss_vector)
-        set_step_inputs(self.aggregator, self._tasks, loss_vector)
+        set_step_inputs(self.aggregator, self._step.tasks, loss_vector)
         weighting = gramian_weighting_of(self._aggregator_in_use())
         assert weighting is not None
         weights = weighting(gramian)
@@ -340,9 +347,13 @@ class JacobianDescent:
             losses, weights, None if everything_shared else features, None if everything_shared
             else rows,
         )  # fmt: skip
-        self._weights_sum = weights if self._weights_sum is None else self._weights_sum + weights
+        self._step.weights_sum = (
+            weights if self._step.weights_sum is None else self._step.weights_sum + weights
+        )
 
-    def _all_reduced_feature_gramian(self, gramian: Tensor, losses: Tensor) -> tuple[Tensor, Tensor]:
+    def _all_reduced_feature_gramian(
+        self, gramian: Tensor, losses: Tensor
+    ) -> tuple[Tensor, Tensor]:
         r"""
         The feature Gramian of the global-mean losses: the gradient of :math:`\frac1R \sum_r L_r`
         with respect to rank :math:`r`'s features is :math:`\frac1R` of its own, so the Gramian is
@@ -395,28 +406,37 @@ class JacobianDescent:
             self._scaled = (scaler, with_grad_scaler(self.aggregator, scaler))
         return self._scaled[1]
 
-    def _give_step_inputs(self, *, all_reduced: bool) -> None:
-        losses = self._loss_sum
-        if not all_reduced and losses is not None and self._ranks is not None:
-            if hasattr(type(self.aggregator), "losses"):
-                losses = self._ranks.all_reduce(losses.clone()) / self._ranks.size
-        set_step_inputs(self.aggregator, self._tasks, losses)
+    def _give_mean_step_inputs(self) -> None:
+        """The step's task names and its losses, averaged over the ranks, to the aggregator."""
+
+        losses = self._step.loss_sum
+        reads_losses = hasattr(type(self.aggregator), "losses")
+        if losses is not None and self._ranks is not None and reads_losses:
+            losses = self._ranks.all_reduce(losses.clone()) / self._ranks.size
+        set_step_inputs(self.aggregator, self._step.tasks, losses)
 
     def _clear_step(self) -> None:
-        self._tasks: tuple[Hashable, ...] | None = None
-        self._m = 0
-        self._micro_batches = 0
-        self._loss_sum: Tensor | None = None
-        self._weights_sum: Tensor | None = None
-        self._rows: Tensor | None = None
-        self._stashed: list[Tensor | None] | None = None
-        self._step_parameters: list[Tensor] = []
+        self._step = _Step()
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(aggregator={self.aggregator!r}, "
             f"gramian_from={self.gramian_from!r}, layout={self._layout!r})"
         )
+
+
+@dataclass
+class _Step:
+    """What the micro-batches of the current step have accumulated."""
+
+    tasks: tuple[Hashable, ...] | None = None
+    m: int = 0
+    micro_batches: int = 0
+    loss_sum: Tensor | None = None  # for the aggregators that read the losses
+    weights_sum: Tensor | None = None  # "features": the micro-batches' weights
+    rows: Tensor | None = None  # FSDP2: the Jacobian's rows on this rank's shards
+    stashed: list[Tensor | None] | None = None  # FSDP2: the gradients held before the step
+    parameters: list[Tensor] = field(default_factory=list)  # FSDP2: the step's trainable ones
 
 
 def _feature_list(features: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
@@ -433,4 +453,3 @@ def _feature_list(features: Tensor | Sequence[Tensor] | None) -> list[Tensor] | 
 
 def _gradient_or_zeros(parameter: Tensor) -> Tensor:
     return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad
-

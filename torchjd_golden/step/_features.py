@@ -9,13 +9,13 @@ The weights :math:`w` come from it (as MGDA-UB and LibMTL's ``rep_grad`` do); th
 pass of the losses sends :math:`\sum_k w_k F_k` into the trunk, whose parameters receive
 exactly :math:`w^\top J` for those :math:`w`, through the model's own machinery (DDP's
 all-reduce, FSDP2's reduce-scatter, a compiled backward). Only the weights are approximate: they
-are the weights of :math:`G^z` instead of :math:`J J^\top = (\partial z / \partial \theta)^\top`
--weighted inner products of the same :math:`F_k`.
+come from the inner products of the :math:`F_k` themselves, where the parameters' Gramian
+:math:`J J^\top` takes them through the trunk, :math:`J_k = F_k \, \partial z / \partial \theta`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -67,13 +67,14 @@ def weighted_backward(
 
     if features is None or rows is None:
         torch.autograd.backward(
-            list(losses), grad_tensors=[w.to(loss.dtype) for w, loss in zip(weights, losses)]
+            list(losses),
+            grad_tensors=[w.to(loss.dtype) for w, loss in zip(weights, losses, strict=True)],
         )
         return
     combined = combine_rows(weights, rows)
-    pieces = combined.split([f.numel() for f in features])
+    pieces = torch.split(combined, [f.numel() for f in features])
     handles = [
-        feature.register_hook(_replacement(piece.view_as(feature)))
+        feature.register_hook(_replacement(piece.view_as(feature)))  # type: ignore[no-untyped-call]
         for feature, piece in zip(features, pieces, strict=True)
     ]
     try:
@@ -83,7 +84,9 @@ def weighted_backward(
             handle.remove()
 
 
-def _replacement(gradient: Tensor):  # noqa: ANN202 - a hook
+def _replacement(gradient: Tensor) -> Callable[[Tensor], Tensor]:
+    """A tensor hook that replaces the gradient flowing into a tensor by ``gradient``."""
+
     def hook(_incoming: Tensor) -> Tensor:
         return gradient
 

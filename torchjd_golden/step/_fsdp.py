@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -50,7 +51,8 @@ class FullyShardedRows:
         if mesh.ndim != 1:
             raise ValueError(
                 "JacobianDescent supports FSDP2 on a 1-D device mesh (fully sharded data "
-                f"parallelism). Found a mesh of {mesh.ndim} dimensions (HSDP or tensor parallelism)."
+                f"parallelism). Found a mesh of {mesh.ndim} dimensions (HSDP or tensor "
+                "parallelism)."
             )
         self.ranks = RankGroup(mesh.get_group())
         self._groups = [
@@ -82,7 +84,7 @@ class FullyShardedRows:
         locals_ = [p.to_local() for p in parameters]  # type: ignore[attr-defined]
         sizes = [t.numel() for t in locals_]
         m = len(losses)
-        rows = locals_[0].new_zeros(m, sum(sizes))
+        rows: Tensor = locals_[0].new_zeros(m, sum(sizes))
         user_setting = [(group, group.reshard_after_backward) for group in self._groups]
         for group, _ in user_setting:
             group.reshard_after_backward = False
@@ -93,8 +95,9 @@ class FullyShardedRows:
                 if task == m - 1:
                     for group, setting in user_setting:
                         group.reshard_after_backward = setting
-                loss.backward(retain_graph=task < m - 1)
-                for chunk, parameter in zip(rows[task].split(sizes), parameters, strict=True):
+                torch.autograd.backward(loss, retain_graph=task < m - 1)
+                chunks = torch.split(rows[task], sizes)
+                for chunk, parameter in zip(chunks, parameters, strict=True):
                     if parameter.grad is not None:
                         chunk.copy_(parameter.grad.to_local().reshape(-1))  # type: ignore[attr-defined]
         finally:
@@ -123,7 +126,7 @@ def write_sharded(
     """
 
     locals_ = [p.to_local() for p in parameters]  # type: ignore[attr-defined]
-    pieces = vector.split([t.numel() for t in locals_])
+    pieces = torch.split(vector, [t.numel() for t in locals_])
     for parameter, local, piece, before in zip(parameters, locals_, pieces, stashed, strict=True):
         gradient = DTensor.from_local(
             piece.view_as(local).to(parameter.dtype),
@@ -140,4 +143,3 @@ def local_size(parameters: Sequence[Tensor]) -> int:
     """The number of values of this rank's shards of ``parameters``."""
 
     return sum(p.to_local().numel() for p in parameters)  # type: ignore[attr-defined]
-

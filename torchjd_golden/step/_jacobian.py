@@ -105,7 +105,7 @@ def discard_jacobians(tensors: Sequence[Tensor]) -> None:
 
     for tensor in tensors:
         if hasattr(tensor, "jac"):
-            del tensor.jac  # type: ignore[attr-defined]
+            del tensor.jac
 
 
 def flat_jacobian(tensors: Sequence[Tensor]) -> Tensor:
@@ -119,7 +119,8 @@ def flat_jacobian(tensors: Sequence[Tensor]) -> Tensor:
 def write_gradients(tensors: Sequence[Tensor], vector: Tensor) -> None:
     """Adds the pieces of ``vector``, in order, to the ``.grad`` fields of ``tensors``."""
 
-    for tensor, piece in zip(tensors, vector.split([t.numel() for t in tensors]), strict=True):
+    pieces = torch.split(vector, [t.numel() for t in tensors])
+    for tensor, piece in zip(tensors, pieces, strict=True):
         add_gradient(tensor, piece.view_as(tensor).to(tensor.dtype))
 
 

@@ -23,8 +23,8 @@ def task_losses(losses: TaskLossesInput) -> tuple[tuple[Hashable, ...] | None, l
     elif isinstance(losses, Tensor):
         if losses.ndim != 1:
             raise ValueError(
-                "Parameter `losses` must be a mapping from task name to scalar loss, or a vector of "
-                f"losses (one per task). Found a tensor of shape {tuple(losses.shape)}."
+                "Parameter `losses` must be a mapping from task name to scalar loss, or a vector "
+                f"of losses (one per task). Found a tensor of shape {tuple(losses.shape)}."
             )
         values = list(losses.unbind())
     elif isinstance(losses, Sequence) and not isinstance(losses, str):

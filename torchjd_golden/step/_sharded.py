@@ -22,11 +22,13 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
+from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
+from torchjd.linalg import PSDMatrix
 
 from .._gramian import column_blocks, combine_rows, compute_gramian
 from .._tasks import set_step_inputs
 from ._collectives import RankGroup
+from ._jacobian import is_compiled
 
 ColumnSplit = Literal["gramian", "blocks", "whole"]
 
@@ -36,15 +38,21 @@ def column_split(aggregator: Aggregator) -> ColumnSplit:
 
     if isinstance(aggregator, GramianWeightedAggregator) and not _overrides_forward(aggregator):
         return "gramian"
-    if getattr(aggregator, "splits_over_columns", False):
-        return "blocks"
-    return "whole"
+    if isinstance(aggregator, WeightedAggregator) and not _overrides_forward(aggregator):
+        splits = getattr(aggregator.weighting, "splits_over_columns", False)
+    else:
+        splits = getattr(aggregator, "splits_over_columns", False)
+    # A compiled method cannot read which block it runs on: it gets the whole Jacobian.
+    return "blocks" if splits and not is_compiled(aggregator) else "whole"
 
 
-def gramian_weighting_of(aggregator: Aggregator) -> nn.Module | None:
+def gramian_weighting_of(aggregator: Aggregator) -> Weighting[PSDMatrix] | None:
     """The Gramian weighting an aggregator applies to the Gramian, if that is all it does."""
 
-    return aggregator.gramian_weighting if column_split(aggregator) == "gramian" else None  # type: ignore[union-attr]
+    if column_split(aggregator) != "gramian":
+        return None
+    assert isinstance(aggregator, GramianWeightedAggregator)
+    return aggregator.gramian_weighting
 
 
 def _overrides_forward(aggregator: Aggregator) -> bool:
@@ -72,7 +80,8 @@ def aggregate_block(
     split = column_split(aggregator)
     reads_losses = losses is not None and hasattr(type(inputs_of), "losses")
     if split == "gramian":
-        gramian = compute_gramian(block)
+        with column_blocks(ranks.all_reduce_rows):  # (no rank upcasts an overflow on its own)
+            gramian = compute_gramian(block)
         m = gramian.shape[0]
         statistics = gramian.reshape(-1)
         if reads_losses:
@@ -82,8 +91,10 @@ def aggregate_block(
         gramian = statistics[: m * m].view(m, m)
         mean_losses = statistics[m * m :] / ranks.size if reads_losses else None
         set_step_inputs(inputs_of, tasks, mean_losses)
-        weights = aggregator.gramian_weighting(gramian)  # type: ignore[union-attr]
-        return combine_rows(weights, block), weights
+        weighting = gramian_weighting_of(aggregator)
+        assert weighting is not None
+        gramian_weights = weighting(gramian)
+        return combine_rows(gramian_weights, block), gramian_weights
 
     mean_losses = None
     if reads_losses:
