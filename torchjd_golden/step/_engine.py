@@ -293,6 +293,10 @@ class JacobianDescent:
             )  # fmt: skip
             update = blocks.all_gather(update_block)
         write_gradients(shared, update)
+        if isinstance(self.module, DistributedDataParallel):
+            # Without a backward pass through its reducer, DDP would stop broadcasting rank 0's
+            # buffers (batch-norm statistics) at the next forwards: it is asked to again.
+            self.module.require_forward_param_sync = True
         return weights
 
     # -- the exact step under FSDP2: one reduce-scattered backward pass per task -----------------
