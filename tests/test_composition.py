@@ -11,9 +11,9 @@ from torchjd.autogram import Engine
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from torchjd_golden import GABA, GoldenPendulum, weighting_from_config
-from torchjd_golden._aggregator_bases import GramianAggregator
-from torchjd_golden._gramian import compute_gramian
-from torchjd_golden._torchjd_compat import torchjd_compute_gramian
+from torchjd_golden.aggregation._aggregator_bases import GramianAggregator
+from torchjd_golden.aggregation._gramian import compute_gramian
+from torchjd_golden.aggregation._torchjd_compat import torchjd_compute_gramian
 
 from ._inputs import conflicting_jacobian
 from ._methods import AGGREGATORS, WEIGHTINGS, Method, weighting_of

@@ -22,7 +22,7 @@ from torchjd_golden import (
     aggregator_from_config,
     golden_ratio_weights,
 )
-from torchjd_golden._kernels import solver_path
+from torchjd_golden.aggregation._kernels import solver_path
 
 from ._asserts import relative_error
 from ._inputs import conflicting_jacobian

@@ -14,7 +14,7 @@ from torchjd.aggregation import ExcessMTL as TorchJDExcessMTL
 
 from benchmarks._measure import peak_memory_supported
 from torchjd_golden import ExcessMTL, ExcessMTLWeighting, _excess_mtl
-from torchjd_golden._kernels import solver_path
+from torchjd_golden.aggregation._kernels import solver_path
 
 from ._asserts import (
     assert_compiled_matches_eager,

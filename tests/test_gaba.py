@@ -7,7 +7,7 @@ from torch.testing import assert_close
 from torchjd.autojac import backward, jac_to_grad
 
 from torchjd_golden import GABA, GABAWeighting
-from torchjd_golden._gaba import inverse_norm_weights
+from torchjd_golden.aggregation._gaba import inverse_norm_weights
 
 from ._asserts import (
     assert_linear_under_scaling,

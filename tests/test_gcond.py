@@ -24,8 +24,8 @@ from torchjd_golden import (
     backward_task,
     with_grad_scaler,
 )
-from torchjd_golden._kernels import solver_path
 from torchjd_golden._task_step import JacobianStep
+from torchjd_golden.aggregation._kernels import solver_path
 from torchjd_golden.compare._training import applied_weights
 
 from ._asserts import relative_error

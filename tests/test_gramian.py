@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from torchjd_golden import _gramian
-from torchjd_golden._gramian import (
+from torchjd_golden.aggregation import _gramian
+from torchjd_golden.aggregation._gramian import (
     accumulation_dtype,
     all_finite,
     combine_rows,

@@ -15,11 +15,11 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from torchjd_golden import golden_ratio_weights
-from torchjd_golden._gramian import compute_gramian, normalize_gramian
-from torchjd_golden._kernels import chosen_path, solver_path
-from torchjd_golden._kernels.gcond import ResolveSettings, resolve_conflicts
-from torchjd_golden._kernels.golden_qp import solve_golden_qp
-from torchjd_golden._kernels.pcgrad import pcgrad_coefficients, pcgrad_combination
+from torchjd_golden.aggregation._gramian import compute_gramian, normalize_gramian
+from torchjd_golden.aggregation._kernels import chosen_path, solver_path
+from torchjd_golden.aggregation._kernels.gcond import ResolveSettings, resolve_conflicts
+from torchjd_golden.aggregation._kernels.golden_qp import solve_golden_qp
+from torchjd_golden.aggregation._kernels.pcgrad import pcgrad_coefficients, pcgrad_combination
 
 from ._asserts import relative_error
 from ._inputs import conflicting_jacobian

@@ -15,7 +15,7 @@ import torch._dynamo.testing
 from torch import Tensor, nn
 
 from torchjd_golden import GABA, ExcessMTL, GCond, GCondWeighting, GoldenPendulum
-from torchjd_golden._kernels import gcond as gcond_kernel
+from torchjd_golden.aggregation._kernels import gcond as gcond_kernel
 
 from ._asserts import (
     assert_equal_up_to_rounding,
@@ -196,7 +196,7 @@ def test_gcond_scores_stability_on_the_tasks_of_both_calls(monkeypatch: pytest.M
         captured.append({"cross": cross, "norms": previous_norms_sq, "c": resolution.coefficients})
         return resolution
 
-    monkeypatch.setattr("torchjd_golden._gcond.resolve_conflicts", spy)
+    monkeypatch.setattr("torchjd_golden.aggregation._gcond.resolve_conflicts", spy)
     weighting = GCondWeighting()
     calls = [("a", "b", "c"), ("b", "d"), ("d", "b", "a")]
     jacobians = []

@@ -7,20 +7,28 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 """
 
 from ._accumulation import backward_task
-from ._adaptive_golden_pendulum import AdaptiveGoldenPendulum, AdaptiveGoldenPendulumWeighting
 from ._amp import with_grad_scaler
 from ._config import aggregator_from_config, available_names, weighting_from_config
 from ._curriculum import Curriculum, Phase
 from ._diagnostics import ConflictMonitor, ConflictReport
 from ._distributed import sharded_jac_to_grad, sync_jacobians
-from ._dynamic_k import DynamicK, DynamicKWeighting, TaskGroup
-from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
-from ._gaba import GABA, GABAWeighting
-from ._gcond import GCond, GCondWeighting
-from ._gcond_statistics import GCondStatistics
-from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
 from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
 from ._presets import Preset, get_preset, list_presets
+from .aggregation._adaptive_golden_pendulum import (
+    AdaptiveGoldenPendulum,
+    AdaptiveGoldenPendulumWeighting,
+)
+from .aggregation._dynamic_k import DynamicK, DynamicKWeighting, TaskGroup
+from .aggregation._excess_mtl import ExcessMTL, ExcessMTLWeighting
+from .aggregation._gaba import GABA, GABAWeighting
+from .aggregation._gcond import GCond, GCondWeighting
+from .aggregation._gcond_statistics import GCondStatistics
+from .aggregation._golden_pendulum import (
+    PHI,
+    GoldenPendulum,
+    GoldenPendulumWeighting,
+    golden_ratio_weights,
+)
 
 __version__ = "0.1.0"
 

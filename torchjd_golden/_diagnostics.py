@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._golden_pendulum import golden_ratio_weights
 from ._monitoring import conflict_statistics
 from ._recorder import hook_recorder
-from ._tasks import NamedTasks, check_task_names
-from ._validation import check_bool, check_int, check_real
+from .aggregation._golden_pendulum import golden_ratio_weights
+from .aggregation._tasks import NamedTasks, check_task_names
+from .aggregation._validation import check_bool, check_int, check_real
 
 # As the reference: gradients are divided by max(norm, 1e-8), the smallest norm is clamped at
 # 1e-10 in the norm ratio (conflict_statistics), a constant weight series (variance below 1e-10)

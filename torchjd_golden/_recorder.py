@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, WeightedAggregator
 
 from ._monitoring import hook_alpha, hook_gramian, weighting_of
-from ._torchjd_compat import GramianWeightingBase
+from .aggregation._torchjd_compat import GramianWeightingBase
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from ._config import aggregator_from_config
 from ._diagnostics import ConflictMonitor
 from ._monitoring import weight_scalars
 from ._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
-from ._tasks import default_task_names, set_step_inputs
+from .aggregation._tasks import default_task_names, set_step_inputs
 
 
 @dataclass(frozen=True)

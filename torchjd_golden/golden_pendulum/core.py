@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .._golden_pendulum import PHI, GoldenPendulum
-from .._golden_pendulum import golden_ratio_weights as _golden_ratio_weights
+from ..aggregation._golden_pendulum import PHI, GoldenPendulum
+from ..aggregation._golden_pendulum import golden_ratio_weights as _golden_ratio_weights
 from ._backward import balanced_backward, single_task_backward, weights_by_name
 from ._settings import aggregator_setting
 

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._adaptive_golden_pendulum import (
+from ...aggregation._adaptive_golden_pendulum import (
     _MIN_LOSS,
     AdaptiveGoldenPendulum,
     AdaptiveGoldenPendulumWeighting,
     conflicting_fraction,
 )
-from ..._gramian import normalize_gramian
+from ...aggregation._gramian import normalize_gramian
 from .._backward import balanced_backward, single_task_backward, weights_by_name
 from .._settings import aggregator_setting
 

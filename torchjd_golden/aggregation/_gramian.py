@@ -4,8 +4,8 @@ The Gram core: pure functions on the Gramian :math:`G = J J^\top` shared by ever
 Every method of this package only needs inner products between the rows of the Jacobian
 :math:`J \in \mathbb{R}^{m \times n}`, so it works on the :math:`m \times m` Gramian and never
 loops over the :math:`n` parameters. A conflict-resolution pass such as PCGrad modifies rows of
-:math:`J`; the kernels (:mod:`torchjd_golden._kernels`) track the resolved rows as :math:`R = C J`
-with a coefficient matrix :math:`C \in \mathbb{R}^{m \times m}`, so that :math:`\langle r_a, r_b
+:math:`J`; the kernels (:mod:`._kernels`) track the resolved rows as :math:`R = C J` with a
+coefficient matrix :math:`C \in \mathbb{R}^{m \times m}`, so that :math:`\langle r_a, r_b
 \rangle = (C G C^\top)_{ab}` and a pass never touches an :math:`n`-long gradient.
 
 The functions here never synchronise the host with an accelerator.
@@ -45,8 +45,8 @@ def compute_gramian(matrix: Tensor, other: Tensor | None = None) -> Tensor:
 
     A finite input whose products overflow the accumulation dtype (float32 rows longer than
     :math:`1.8 \cdot 10^{19}`) gets them in float64 instead, on the host path (a CPU tensor in
-    eager mode, see :mod:`torchjd_golden._kernels`): the check reads the result, which would
-    synchronise an accelerator, where such a Gramian stays non-finite.
+    eager mode, see :mod:`._kernels`): the check reads the result, which would synchronise an
+    accelerator, where such a Gramian stays non-finite.
     """
 
     right = matrix if other is None else other
