@@ -12,7 +12,7 @@ from torchjd.aggregation import Aggregator, UPGrad
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from torchjd_golden import GABA, ExcessMTL, GCond, GoldenPendulum, with_grad_scaler
-from torchjd_golden._amp import UnscaledAggregator, UnscaledWeighting
+from torchjd_golden.step._amp import UnscaledAggregator, UnscaledWeighting
 
 from ._methods import AGGREGATORS
 

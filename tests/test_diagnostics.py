@@ -22,7 +22,7 @@ from torchjd_golden import (
     golden_ratio_weights,
     gramian_diagnostics,
 )
-from torchjd_golden._recorder import DiagnosticsRecorder, hook_recorder
+from torchjd_golden.monitoring._recorder import DiagnosticsRecorder, hook_recorder
 
 from ._asserts import COPY_WAYS, copy_of
 from ._devices import host_synchronisation_is_an_error, requires_cuda

@@ -13,7 +13,8 @@ from torch.testing import assert_close
 from torchjd.aggregation import ExcessMTL as TorchJDExcessMTL
 
 from benchmarks._measure import peak_memory_supported
-from torchjd_golden import ExcessMTL, ExcessMTLWeighting, _excess_mtl
+from torchjd_golden import ExcessMTL, ExcessMTLWeighting
+from torchjd_golden.aggregation import _excess_mtl
 from torchjd_golden.aggregation._kernels import solver_path
 
 from ._asserts import (

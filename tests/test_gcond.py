@@ -24,9 +24,9 @@ from torchjd_golden import (
     backward_task,
     with_grad_scaler,
 )
-from torchjd_golden._task_step import JacobianStep
 from torchjd_golden.aggregation._kernels import solver_path
 from torchjd_golden.compare._training import applied_weights
+from torchjd_golden.step._task_step import JacobianStep
 
 from ._asserts import relative_error
 from ._inputs import conflicting_jacobian

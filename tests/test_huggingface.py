@@ -22,7 +22,7 @@ from transformers import BertConfig, BertModel, BertPreTrainedModel, TrainingArg
 from transformers.utils import logging as transformers_logging
 
 from torchjd_golden import GCond, aggregator_from_config
-from torchjd_golden.huggingface import AGGREGATOR_STATE_NAME, MultiTaskTrainer
+from torchjd_golden.integrations.huggingface import AGGREGATOR_STATE_NAME, MultiTaskTrainer
 
 from ._methods import NamedMean
 

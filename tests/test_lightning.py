@@ -26,7 +26,7 @@ from torchjd_golden import (
     gramian_diagnostics,
     with_grad_scaler,
 )
-from torchjd_golden.lightning import MultiTaskModule, TaskLosses
+from torchjd_golden.integrations.lightning import MultiTaskModule, TaskLosses
 
 from ._asserts import COPY_WAYS, copy_of
 from ._methods import NamedMean

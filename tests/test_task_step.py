@@ -12,7 +12,7 @@ from torchjd.aggregation import UPGrad
 from torchjd.autojac import backward, jac_to_grad
 
 from torchjd_golden import ConflictMonitor, GCond, GoldenPendulum, gramian_diagnostics
-from torchjd_golden._task_step import JacobianStep, TaskLosses, split_task_losses
+from torchjd_golden.step._task_step import JacobianStep, TaskLosses, split_task_losses
 
 
 def _losses(seed: int = 0) -> tuple[nn.Module, Tensor]:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, WeightedAggregator
 
+from ..aggregation._torchjd_compat import GramianWeightingBase
 from ._monitoring import hook_alpha, hook_gramian, weighting_of
-from .aggregation._torchjd_compat import GramianWeightingBase
 
 
 @runtime_checkable

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator
 
-from .aggregation._gramian import compute_gramian, nan_unless, normalize_gramian, row_norms
-from .aggregation._tasks import default_task_names
-from .aggregation._torchjd_compat import GramianWeightingBase
+from ..aggregation._gramian import compute_gramian, nan_unless, normalize_gramian, row_norms
+from ..aggregation._tasks import default_task_names
+from ..aggregation._torchjd_compat import GramianWeightingBase
 
 # The reference's report clamps the smallest norm here before dividing by it.
 _MIN_NORM_FOR_RATIO = 1e-10

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.amp import GradScaler
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
 
-from .aggregation._aggregator_bases import GramianAggregator, MatrixAggregator
+from ..aggregation._aggregator_bases import GramianAggregator, MatrixAggregator
 
 
 def with_grad_scaler(aggregator: Aggregator, scaler: GradScaler) -> Aggregator:

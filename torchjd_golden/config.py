@@ -21,7 +21,7 @@ import torch
 import torchjd.aggregation as torchjd_aggregation
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
 
-from ._presets import expand_preset
+from .schedule._presets import expand_preset
 
 ENTRY_POINT_GROUP = "torchjd_golden"
 """The entry-point group under which aggregators and weightings are registered (ours included)."""

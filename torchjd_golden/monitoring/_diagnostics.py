@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..aggregation._golden_pendulum import golden_ratio_weights
+from ..aggregation._tasks import NamedTasks, check_task_names
+from ..aggregation._validation import check_bool, check_int, check_real
 from ._monitoring import conflict_statistics
 from ._recorder import hook_recorder
-from .aggregation._golden_pendulum import golden_ratio_weights
-from .aggregation._tasks import NamedTasks, check_task_names
-from .aggregation._validation import check_bool, check_int, check_real
 
 # As the reference: gradients are divided by max(norm, 1e-8), the smallest norm is clamped at
 # 1e-10 in the norm ratio (conflict_statistics), a constant weight series (variance below 1e-10)
@@ -198,8 +198,8 @@ class ConflictMonitor(NamedTasks):
     def attach(self, aggregator: nn.Module) -> RemovableHandle:
         """
         Records every call of ``aggregator`` (a torchjd ``WeightedAggregator``, ours included, or
-        a Gramian weighting) through a :class:`~torchjd_golden._recorder.RecordingHook`, the hook
-        every recorder shares. Returns the hook's handle: ``handle.remove()`` detaches it.
+        a Gramian weighting) through a :class:`~._recorder.RecordingHook`, the hook every recorder
+        shares. Returns the hook's handle: ``handle.remove()`` detaches it.
         """
 
         return hook_recorder(aggregator, self)

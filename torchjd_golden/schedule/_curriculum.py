@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from .aggregation._golden_pendulum import GoldenPendulum
-from .aggregation._tasks import set_step_inputs
-from .aggregation._validation import check_bool, check_int, check_real
+from ..aggregation._golden_pendulum import GoldenPendulum
+from ..aggregation._tasks import set_step_inputs
+from ..aggregation._validation import check_bool, check_int, check_real
 
 logger = logging.getLogger(__name__)
 

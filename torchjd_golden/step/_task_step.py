@@ -21,12 +21,12 @@ from torch.amp import GradScaler
 from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
+from ..aggregation._tasks import default_task_names, set_step_inputs
+from ..config import aggregator_from_config
+from ..monitoring._diagnostics import ConflictMonitor
+from ..monitoring._monitoring import weight_scalars
+from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
 from ._amp import with_grad_scaler
-from ._config import aggregator_from_config
-from ._diagnostics import ConflictMonitor
-from ._monitoring import weight_scalars
-from ._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
-from .aggregation._tasks import default_task_names, set_step_inputs
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torchjd.aggregation import GramianWeightedAggregator
 
-from .aggregation._gramian import combine_rows, compute_gramian
+from ..aggregation._gramian import combine_rows, compute_gramian
 
 
 def sync_jacobians(tensors: Iterable[Tensor], *, group: dist.ProcessGroup | None = None) -> None:
