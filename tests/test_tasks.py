@@ -196,7 +196,7 @@ def test_gcond_scores_stability_on_the_tasks_of_both_calls(monkeypatch: pytest.M
         captured.append({"cross": cross, "norms": previous_norms_sq, "c": resolution.coefficients})
         return resolution
 
-    monkeypatch.setattr("torchjd_golden.aggregation._gcond.resolve_conflicts", spy)
+    monkeypatch.setattr("torchjd_golden.aggregation._gcond._weighting.resolve_conflicts", spy)
     weighting = GCondWeighting()
     calls = [("a", "b", "c"), ("b", "d"), ("d", "b", "a")]
     jacobians = []

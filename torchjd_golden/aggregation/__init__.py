@@ -11,8 +11,7 @@ from ._adaptive_golden_pendulum import AdaptiveGoldenPendulum, AdaptiveGoldenPen
 from ._dynamic_k import DynamicK, DynamicKWeighting, TaskGroup
 from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
 from ._gaba import GABA, GABAWeighting
-from ._gcond import GCond, GCondWeighting
-from ._gcond_statistics import GCondStatistics
+from ._gcond import GCond, GCondStatistics, GCondWeighting
 from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
 
 __all__ = [

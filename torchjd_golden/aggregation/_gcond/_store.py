@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._gramian import compute_gramian, gramian_and_cross_products, overflowed
+from .._gramian import compute_gramian, gramian_and_cross_products, overflowed
 
 
 class Store(NamedTuple):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ._kernels.gcond import ResolveSettings
-from ._validation import check_bool, check_int, check_real
+from .._kernels.gcond import ResolveSettings
+from .._validation import check_bool, check_int, check_real
 
 
 class GCondParameters:

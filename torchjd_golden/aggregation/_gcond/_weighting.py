@@ -17,23 +17,23 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator
 from torchjd.linalg import Matrix
 
-from ._aggregator_bases import Forwarded, ForwardedConverting, checked_call
-from ._gcond_parameters import GCondParameters, parameters_repr
-from ._gcond_statistics import GCondStatistics
-from ._gcond_store import Store, checkpoint_form, grown_store, loaded_form, store_products
-from ._gramian import (
+from .._aggregator_bases import Forwarded, ForwardedConverting, checked_call
+from .._gramian import (
     accumulation_dtype,
     all_finite,
     combine_rows,
     nan_unless,
     row_norms,
 )
-from ._kernels._paths import chosen_path
-from ._kernels.gcond import Resolution, resolve_conflicts
-from ._state import LazyState
-from ._tasks import NamedTasks, TaskNames, default_task_names
-from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
-from ._validation import check_input, check_real
+from .._kernels._paths import chosen_path
+from .._kernels.gcond import Resolution, resolve_conflicts
+from .._state import LazyState
+from .._tasks import NamedTasks, TaskNames, default_task_names
+from .._torchjd_compat import MatrixWeightingBase, NonDifferentiable
+from .._validation import check_input, check_real
+from ._parameters import GCondParameters, parameters_repr
+from ._statistics import GCondStatistics
+from ._store import Store, checkpoint_form, grown_store, loaded_form, store_products
 
 
 class GCondWeighting(

@@ -20,15 +20,15 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import Matrix, PSDMatrix
 
-from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
-from ._golden_pendulum import (
+from .._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
+from .._golden_pendulum import (
     _MIN_NORM,
     GoldenPendulumParameters,
     golden_pendulum_weights,
     golden_ratio_weights,
     pendulum_weights,
 )
-from ._gramian import (
+from .._gramian import (
     accumulation_dtype,
     all_finite,
     compute_gramian,
@@ -36,10 +36,10 @@ from ._gramian import (
     normalize_gramian,
     overflowed,
 )
-from ._state import LazyState, decoded_task_names
-from ._tasks import NamedTasks, TaskNames, check_task_names
-from ._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
-from ._validation import check_bool, check_input, check_int, check_real
+from .._state import LazyState, decoded_task_names
+from .._tasks import NamedTasks, TaskNames, check_task_names
+from .._torchjd_compat import GramianWeightingBase, NonDifferentiable, weighting_of_matrix
+from .._validation import check_bool, check_input, check_int, check_real
 
 CATCH_ALL = "_ungrouped"
 """Name of the group that collects the tasks of a call that no group lists."""

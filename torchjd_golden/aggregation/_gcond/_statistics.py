@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._kernels.gcond import ZONES
+from .._kernels.gcond import ZONES
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from ._paths import SolverPath, chosen_path, host_array, solver_dtype
+from .._paths import SolverPath, chosen_path, host_array, solver_dtype
 
 _HALF_PI = math.pi / 2.0
 
