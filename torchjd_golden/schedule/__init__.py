@@ -6,7 +6,8 @@ presets of ``golden_pendulum.pro`` (:func:`get_preset`).
 It stands on :mod:`torchjd_golden.aggregation` alone.
 """
 
-from ._curriculum import Curriculum, Phase
+from ._curriculum import Curriculum
+from ._phase import Phase
 from ._presets import Preset, get_preset, list_presets
 
 __all__ = ["Curriculum", "Phase", "Preset", "get_preset", "list_presets"]

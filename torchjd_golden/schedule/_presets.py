@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._curriculum import Phase
+from ._phase import Phase
 
 
 @dataclass

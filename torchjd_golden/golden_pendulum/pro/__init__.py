@@ -6,7 +6,7 @@ torchjd-golden's :class:`~torchjd_golden.AdaptiveGoldenPendulum`,
 """
 
 from ...monitoring._diagnostics import ConflictReport
-from ...schedule._curriculum import Phase
+from ...schedule import Phase
 from .adaptive import AdaptiveLambda
 from .curriculum import CurriculumScheduler
 from .diagnostics import DiagnosticsEngine
