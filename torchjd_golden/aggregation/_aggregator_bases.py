@@ -10,6 +10,7 @@ from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedA
 from torchjd.linalg import Matrix, PSDMatrix
 
 from ._gramian import combine_rows, compute_gramian
+from ._migrations import CheckpointMigrations
 from ._torchjd_compat import weighting_of_matrix
 from ._validation import check_input
 
@@ -17,11 +18,24 @@ G = TypeVar("G")  # what a forwarded property returns
 S = TypeVar("S")  # what it can be set to
 
 
-class GramianAggregator(GramianWeightedAggregator):
+def _without_the_second_copy(state_dict: dict[str, Any], prefix: str) -> None:
+    """
+    Checkpoints written before 0.2 list the weighting's state twice, the second time under the
+    composition's prefix (``weighting.weighting.``): the copy under ``gramian_weighting`` is the
+    one loaded.
+    """
+
+    for key in [k for k in state_dict if k.startswith(prefix + "weighting.weighting.")]:
+        del state_dict[key]
+
+
+class GramianAggregator(CheckpointMigrations, GramianWeightedAggregator):
     """
     :class:`~torchjd.aggregation.GramianWeightedAggregator` whose Gramian is accumulated in at
     least float32 and whose output has the dtype of the Jacobian, even for half-precision input.
     """
+
+    _state_migrations = (_without_the_second_copy,)
 
     def __init__(self, gramian_weighting: Weighting[PSDMatrix]) -> None:
         super().__init__(gramian_weighting)
@@ -40,24 +54,6 @@ class GramianAggregator(GramianWeightedAggregator):
 
     def __str__(self) -> str:
         return self.__class__.__name__
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Checkpoints written before 0.2 list the weighting's state twice, the second time under
-        # the composition's prefix: the copy under gramian_weighting is the one loaded.
-        for key in [k for k in state_dict if k.startswith(prefix + "weighting.weighting.")]:
-            del state_dict[key]
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
 
 class MatrixAggregator(WeightedAggregator):

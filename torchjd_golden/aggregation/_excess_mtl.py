@@ -9,7 +9,7 @@ Reference: He et al., `Robust Multi-Task Learning with Excess Risks
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -129,6 +129,23 @@ def binary_exponents(values: Tensor) -> Tensor:
     return torch.where((values == 0.0) | (field == _EXPONENT_MASK), 0, exponents)
 
 
+def per_task_steps(state_dict: dict[str, Any], prefix: str) -> None:
+    """
+    Checkpoints written before 0.2 count one step for all tasks and hold the squares unscaled:
+    each task gets the count, and a scale of one.
+    """
+
+    step_count, task_steps = state_dict.get(prefix + "step_count"), prefix + "task_steps"
+    weights = state_dict.get(prefix + "task_weights")
+    if task_steps in state_dict or not isinstance(step_count, Tensor):
+        return
+    if isinstance(weights, Tensor) and step_count.numel() == 1:
+        filled, ones = step_count.expand(weights.shape[0]).clone(), torch.ones_like(weights)
+    else:
+        filled, ones = step_count.new_empty(0), torch.empty(0)
+    state_dict[task_steps], state_dict[prefix + "sq_grad_scale"] = filled, ones
+
+
 class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
@@ -183,6 +200,7 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         The paper (Appendix C.1) recommends three epochs: ``3 * len(dataloader)``.
     """
 
+    _state_migrations = (per_task_steps,)
     _state_names = (
         "sq_grad_sum",
         "task_weights",
@@ -321,30 +339,6 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         scales = overflow_free_scales(largest, previous, self.sq_grad_sum.dtype)
         scales = torch.where(finite, scales, previous)
         return finite, scales, (previous / scales) ** 2
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Checkpoints written before 0.2 count one step for all tasks and hold S unscaled.
-        step_count, task_steps = state_dict.get(prefix + "step_count"), prefix + "task_steps"
-        weights, scale = state_dict.get(prefix + "task_weights"), prefix + "sq_grad_scale"
-        if task_steps not in state_dict and isinstance(step_count, Tensor):
-            if isinstance(weights, Tensor) and step_count.numel() == 1:
-                filled = step_count.expand(weights.shape[0]).clone()
-                ones = torch.ones_like(weights)
-            else:
-                filled, ones = step_count.new_empty(0), torch.empty(0)
-            state_dict = {**state_dict, task_steps: filled, scale: ones}
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def __repr__(self) -> str:
         return (

@@ -7,17 +7,18 @@ the caller names the tasks.
 from __future__ import annotations
 
 import json
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchjd import Stateful
 
+from ._migrations import CheckpointMigrations
 from ._tasks import NamedTasks, TaskNames, warn_user
 
 
-class LazyState(nn.Module, Stateful):
+class LazyState(CheckpointMigrations, Stateful):
     """
     Mixin for a module whose state tensors are created on the first call, once the number of
     tasks is known.
@@ -53,6 +54,9 @@ class LazyState(nn.Module, Stateful):
     _known_tasks: list[Hashable] | None = None  # the name of each per-task row, or None
     # Whether the state was made on (or moved to) the meta device: its values are undefined.
     _state_without_values: bool = False
+    # State kept beside the buffers, which a checkpoint must hold with them (the module's extra
+    # state, "_extra_state", for one that keeps Python values).
+    _more_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def _register_state(self) -> None:
         for name in self._state_names:
@@ -293,9 +297,9 @@ class LazyState(nn.Module, Stateful):
         self._state_without_values = False
         self._known_tasks = None
 
-    def _load_from_state_dict(
+    def _load_current_state(
         self,
-        state_dict: Mapping[str, Any],
+        state_dict: dict[str, Any],
         prefix: str,
         local_metadata: dict[str, Any],
         strict: bool,
@@ -311,11 +315,12 @@ class LazyState(nn.Module, Stateful):
             if isinstance(saved, Tensor) and buffer is not None:
                 self._buffers[name] = torch.empty_like(saved, device=buffer.device)
         if self._named:  # checkpoints written before tasks had names: no names
-            state_dict = {prefix + "task_names": torch.empty(0, dtype=torch.uint8), **state_dict}
-            saved_names = state_dict[prefix + "task_names"]
+            saved_names = state_dict.setdefault(
+                prefix + "task_names", torch.empty(0, dtype=torch.uint8)
+            )
             if isinstance(saved_names, Tensor):
                 self.task_names = torch.empty_like(saved_names, device=self.task_names.device)
-        super()._load_from_state_dict(
+        super()._load_current_state(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         # Values loaded into a module on the meta device are dropped there.
@@ -324,8 +329,9 @@ class LazyState(nn.Module, Stateful):
             encoded = bytes(self.task_names.tolist())
             self._known_tasks = decoded_task_names(json.loads(encoded)) if encoded else None
         # A part of the state (strict=False) would only fail later, far from its cause.
-        absent = [name for name in self._state_names if prefix + name not in state_dict]
-        if absent and len(absent) < len(self._state_names):
+        keys = (*self._state_names, *self._more_state_keys)
+        absent = [name for name in keys if prefix + name not in state_dict]
+        if absent and len(absent) < len(keys):
             error_msgs.append(
                 f"The state of `{self.__class__.__name__}` is all or nothing: the checkpoint lacks "
                 f"{', '.join(prefix + name for name in absent)}. Load a whole state_dict, or none "

@@ -226,6 +226,8 @@ class DynamicKWeighting(
     """
 
     _state_names = ("alpha", "step_count")
+    # The groups and the task names: a count without its groups would regroup on a wrong schedule.
+    _more_state_keys = ("_extra_state",)
     _keeps_state_dtype = True  # alpha is the last call's solution: nothing averages it
     # Whether a task may be in several groups (golden-pendulum-mtl's drop-in allows it, as the
     # reference does; see golden_pendulum.pro.dynamic_k).
@@ -556,26 +558,6 @@ class DynamicKWeighting(
             ]
         )
         self.tasks = None if decoded["tasks"] is None else decoded_task_names(decoded["tasks"])
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if prefix + "step_count" in state_dict and prefix + "_extra_state" not in state_dict:
-            error_msgs.append(  # a count without its groups would regroup on a wrong schedule
-                f"The state of `{self.__class__.__name__}` is all or nothing: the checkpoint lacks "
-                f"{prefix}_extra_state (the groups and task names). Load a whole state_dict, or "
-                "none (and call reset())."
-            )
         self._count = _StepCountBounds(0, None)  # read from the loaded buffer when needed
 
     def __repr__(self) -> str:

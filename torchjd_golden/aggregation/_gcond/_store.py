@@ -13,7 +13,6 @@ for none), so that tasks named by the caller find their own previous row whateve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -89,32 +88,31 @@ def checkpoint_form(destination: dict[str, Any], prefix: str) -> None:
     destination[prefix + "previous_tasks"] = tasks[start : start + rows]
 
 
-def loaded_form(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def store_from_checkpoint(state_dict: dict[str, Any], prefix: str) -> None:
     """
-    The ``state_dict`` with the store rebuilt from a checkpoint's previous region, including
-    checkpoints written before 0.2 (no task tags, float32 coefficients and norms).
+    Rebuilds, in a ``state_dict``, the store from a checkpoint's previous region (the inverse of
+    :func:`checkpoint_form`), including checkpoints written before 0.2 (no task tags, float32
+    coefficients and norms).
     """
 
-    state = dict(state_dict)
     for name in ("previous_coefficients", "previous_norms_sq"):
-        saved = state.get(prefix + name)
+        saved = state_dict.get(prefix + name)
         if isinstance(saved, Tensor) and saved.is_floating_point():
-            state[prefix + name] = saved.to(torch.float64)
-    previous = state.pop(prefix + "previous_jacobian", None)
-    tasks = state.pop(prefix + "previous_tasks", None)
+            state_dict[prefix + name] = saved.to(torch.float64)
+    previous = state_dict.pop(prefix + "previous_jacobian", None)
+    tasks = state_dict.pop(prefix + "previous_tasks", None)
     if isinstance(previous, Tensor):
         if not isinstance(tasks, Tensor):  # rows in order, without names
             tasks = torch.arange(previous.shape[0])
         # The region an uninterrupted run would hold it in (each finite step flips it, from 0):
         # the products come out of other columns of one matmul otherwise, which can round
         # differently, and the resumed run would not be bit-identical.
-        steps = state.get(prefix + "step_count")
+        steps = state_dict.get(prefix + "step_count")
         half = int(steps) % 2 if isinstance(steps, Tensor) and steps.numel() == 1 else 0
         scratch, no_tasks = torch.zeros_like(previous), torch.full_like(tasks, -1)
         regions = [(previous, tasks), (scratch, no_tasks)]
         if half:
             regions.reverse()
-        state[prefix + "jacobians"] = torch.cat([regions[0][0], regions[1][0]])
-        state[prefix + "region_tasks"] = torch.cat([regions[0][1], regions[1][1]])
-        state[prefix + "previous_half"] = torch.tensor(half, dtype=torch.int64)
-    return state
+        state_dict[prefix + "jacobians"] = torch.cat([regions[0][0], regions[1][0]])
+        state_dict[prefix + "region_tasks"] = torch.cat([regions[0][1], regions[1][1]])
+        state_dict[prefix + "previous_half"] = torch.tensor(half, dtype=torch.int64)

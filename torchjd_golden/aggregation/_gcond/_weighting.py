@@ -9,7 +9,7 @@ https://github.com/AlevLab-dev/GCond (commit ``1b0518a``).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from .._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from .._validation import check_input, check_real
 from ._parameters import GCondParameters, parameters_repr
 from ._statistics import GCondStatistics
-from ._store import Store, checkpoint_form, grown_store, loaded_form, store_products
+from ._store import Store, checkpoint_form, grown_store, store_from_checkpoint, store_products
 
 
 class GCondWeighting(
@@ -96,6 +96,7 @@ class GCondWeighting(
     momentum (in :class:`GCond`) and the step count are shared.
     """
 
+    _state_migrations = (store_from_checkpoint,)
     _state_names = (
         "jacobians",
         "region_tasks",
@@ -162,21 +163,6 @@ class GCondWeighting(
     ) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         checkpoint_form(destination, prefix)
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Mapping[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        state = loaded_form(state_dict, prefix)
-        super()._load_from_state_dict(
-            state, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
         m, n = sizes
