@@ -19,7 +19,7 @@ from torchjd_golden import (
     GoldenPendulumWeighting,
     golden_ratio_weights,
 )
-from torchjd_golden.aggregation._adaptive_golden_pendulum import step_loss_ratio
+from torchjd_golden.aggregation._adaptive_lambda import step_loss_ratio
 
 from ._asserts import (
     assert_permutation_invariant,

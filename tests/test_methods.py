@@ -6,6 +6,8 @@ without graph breaks, representations, and validated, forwarded hyper-parameters
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -167,6 +169,21 @@ def test_hyper_parameters_are_set_on_the_weighting(
         inner: nn.Module = weighting_of(module)
         if hasattr(type(inner), name):  # GCond's momentum_beta is the aggregator's own
             assert getattr(inner, name) == value
+
+
+@pytest.mark.parametrize("method", AGGREGATORS, ids=str)
+def test_an_aggregator_takes_its_weightings_parameters(method: Method) -> None:
+    """
+    Both constructors are written out (for the reader, the type checker and the docs) and the
+    aggregator builds its weighting from its own arguments by name, so they must agree: the same
+    parameters in the same order, with the same defaults and types (GCond adds its momentum).
+    """
+
+    aggregator = method.make()
+    ours = inspect.signature(type(aggregator)).parameters
+    theirs = inspect.signature(type(weighting_of(aggregator))).parameters
+    assert [p for p in ours.values() if p.name in theirs] == list(theirs.values())
+    assert type(aggregator).hyperparameter_names() == tuple(ours)
 
 
 @pytest.mark.parametrize("method", AGGREGATORS, ids=str)

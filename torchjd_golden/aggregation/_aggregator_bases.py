@@ -11,9 +11,11 @@ from torchjd.linalg import Matrix, PSDMatrix
 
 from ._gramian import combine_rows, compute_gramian
 from ._migrations import CheckpointMigrations
+from ._parameters import HyperParameters
 from ._torchjd_compat import weighting_of_matrix
 from ._validation import check_input
 
+A = TypeVar("A", bound=type[Aggregator])
 G = TypeVar("G")  # what a forwarded property returns
 S = TypeVar("S")  # what it can be set to
 
@@ -49,9 +51,6 @@ class GramianAggregator(CheckpointMigrations, GramianWeightedAggregator):
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
         return combine_rows(weights, matrix)
 
-    def __repr__(self) -> str:
-        return _with_parameters_of(self, self.gramian_weighting)
-
     def __str__(self) -> str:
         return self.__class__.__name__
 
@@ -65,18 +64,6 @@ class MatrixAggregator(WeightedAggregator):
     @staticmethod
     def _combine(matrix: Matrix, weights: Tensor) -> Tensor:
         return combine_rows(weights, matrix)
-
-    def __repr__(self) -> str:
-        return _with_parameters_of(self, self.weighting)
-
-
-def _with_parameters_of(aggregator: Aggregator, weighting: Weighting[Any]) -> str:
-    """The aggregator's class name with the parameters its weighting's repr shows."""
-
-    weighting_repr = repr(weighting)
-    start = weighting_repr.find("(")
-    parameters = weighting_repr[start:] if start >= 0 else "()"
-    return f"{type(aggregator).__name__}{parameters}"
 
 
 def checked_call(aggregator: Aggregator, matrix: Tensor) -> Tensor:
@@ -146,3 +133,30 @@ def _inner_weighting(aggregator: WeightedAggregator) -> Any:
     if isinstance(aggregator, GramianWeightedAggregator):
         return aggregator.gramian_weighting
     return aggregator.weighting
+
+
+def forwards_hyperparameters(aggregator_class: A) -> A:
+    """
+    Class decorator of an aggregator that inherits the mixin of its weighting's hyper-parameters
+    (so that the type checker and the documentation see them on the aggregator): each property
+    of the mixin that the class does not define itself becomes a :class:`Forwarded` one, which
+    reads and writes the weighting's, where the value lives, and ``repr`` shows the weighting's
+    values (the aggregator's own parameters, such as GCond's momentum, are its own).
+    """
+
+    own = vars(aggregator_class)
+    for base in aggregator_class.__mro__[1:]:
+        if not issubclass(base, HyperParameters):
+            continue
+        for name, value in vars(base).items():
+            if isinstance(value, property) and name not in own:
+                setattr(aggregator_class, name, Forwarded(cast(Any, value)))
+
+    def shown_value(aggregator: Any, name: str) -> object:
+        weighting = _inner_weighting(aggregator)
+        if name in type(weighting).hyperparameter_names():
+            return weighting._shown_value(name)
+        return getattr(aggregator, name)
+
+    setattr(aggregator_class, "_shown_value", shown_value)  # noqa: B010 (mypy: a method)
+    return aggregator_class

@@ -17,9 +17,15 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import Matrix
 
-from ._aggregator_bases import Forwarded, ForwardedConverting, MatrixAggregator
+from ._aggregator_bases import (
+    Forwarded,
+    ForwardedConverting,
+    MatrixAggregator,
+    forwards_hyperparameters,
+)
 from ._gramian import accumulation_dtype, nan_unless
 from ._kernels._paths import chosen_path
+from ._parameters import HyperParameters
 from ._state import LazyState
 from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import MatrixWeightingBase, NonDifferentiable
@@ -146,7 +152,31 @@ def per_task_steps(state_dict: dict[str, Any], prefix: str) -> None:
     state_dict[task_steps], state_dict[prefix + "sq_grad_scale"] = filled, ones
 
 
-class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable):
+class ExcessMTLParameters(HyperParameters):
+    """The hyper-parameters of :class:`ExcessMTLWeighting` and :class:`ExcessMTL`."""
+
+    @property
+    def robust_step_size(self) -> float:
+        """Step size of the exponentiated weight update."""
+        return self._robust_step_size
+
+    @robust_step_size.setter
+    def robust_step_size(self, value: float) -> None:
+        self._robust_step_size = check_real("robust_step_size", value, low=0.0, low_open=True)
+
+    @property
+    def n_warmup_steps(self) -> int:
+        """Number of first calls with uniform weights, collecting the baseline."""
+        return self._n_warmup_steps
+
+    @n_warmup_steps.setter
+    def n_warmup_steps(self, value: int) -> None:
+        self._n_warmup_steps = check_int("n_warmup_steps", value, low=0)
+
+
+class ExcessMTLWeighting(
+    ExcessMTLParameters, MatrixWeightingBase, NamedTasks, LazyState, NonDifferentiable
+):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.Matrix`] from `Robust Multi-Task Learning with Excess Risks
@@ -228,27 +258,8 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
         super().__init__()
-        self.robust_step_size = robust_step_size
-        self.n_warmup_steps = n_warmup_steps
+        self._set_hyperparameters(locals())
         self._register_state()
-
-    @property
-    def robust_step_size(self) -> float:
-        """Step size of the exponentiated weight update."""
-        return self._robust_step_size
-
-    @robust_step_size.setter
-    def robust_step_size(self, value: float) -> None:
-        self._robust_step_size = check_real("robust_step_size", value, low=0.0, low_open=True)
-
-    @property
-    def n_warmup_steps(self) -> int:
-        """Number of first calls with uniform weights, collecting the baseline."""
-        return self._n_warmup_steps
-
-    @n_warmup_steps.setter
-    def n_warmup_steps(self, value: int) -> None:
-        self._n_warmup_steps = check_int("n_warmup_steps", value, low=0)
 
     def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
         step_count = torch.zeros((), dtype=torch.int64, device=like.device)
@@ -340,14 +351,9 @@ class ExcessMTLWeighting(MatrixWeightingBase, NamedTasks, LazyState, NonDifferen
         scales = torch.where(finite, scales, previous)
         return finite, scales, (previous / scales) ** 2
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(robust_step_size={self.robust_step_size!r}, "
-            f"n_warmup_steps={self.n_warmup_steps!r})"
-        )
 
-
-class ExcessMTL(MatrixAggregator, Stateful, NonDifferentiable):
+@forwards_hyperparameters
+class ExcessMTL(ExcessMTLParameters, MatrixAggregator, Stateful, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.WeightedAggregator` from `Robust
     Multi-Task Learning with Excess Risks <https://proceedings.mlr.press/v235/he24n.html>`_
@@ -363,10 +369,8 @@ class ExcessMTL(MatrixAggregator, Stateful, NonDifferentiable):
     weighting: ExcessMTLWeighting
 
     def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
-        super().__init__(ExcessMTLWeighting(robust_step_size, n_warmup_steps))
+        super().__init__(ExcessMTLWeighting.from_arguments(locals()))
 
-    robust_step_size = Forwarded(ExcessMTLWeighting.robust_step_size)
-    n_warmup_steps = Forwarded(ExcessMTLWeighting.n_warmup_steps)
     tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
         ExcessMTLWeighting.tasks
     )

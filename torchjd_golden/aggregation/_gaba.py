@@ -14,8 +14,14 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import PSDMatrix
 
-from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
+from ._aggregator_bases import (
+    Forwarded,
+    ForwardedConverting,
+    GramianAggregator,
+    forwards_hyperparameters,
+)
 from ._gramian import accumulation_dtype, all_finite, nan_unless, row_norms
+from ._parameters import HyperParameters
 from ._state import LazyState
 from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
@@ -39,7 +45,38 @@ def inverse_norm_weights(norms: Tensor) -> Tensor:
     return (total - norms) / ((n_tasks - 1) * total)
 
 
-class GABAWeighting(GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable):
+class GABAParameters(HyperParameters):
+    """The hyper-parameters of :class:`GABAWeighting` and :class:`GABA`."""
+
+    @property
+    def beta(self) -> float:
+        """Decay of the moving average of the raw weights."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = check_real("beta", value, low=0.0, high=1.0)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Number of first calls with uniform weights."""
+        return self._warmup_steps
+
+    @warmup_steps.setter
+    def warmup_steps(self, value: int) -> None:
+        self._warmup_steps = check_int("warmup_steps", value, low=0)
+
+    @property
+    def min_weight(self) -> float:
+        """Floor of every weight before renormalisation."""
+        return self._min_weight
+
+    @min_weight.setter
+    def min_weight(self, value: float) -> None:
+        self._min_weight = check_real("min_weight", value, low=0.0, high=1.0, high_open=True)
+
+
+class GABAWeighting(GABAParameters, GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
     [:class:`~torchjd.linalg.PSDMatrix`] giving the weights of :class:`GABA`: an exponential
@@ -83,37 +120,8 @@ class GABAWeighting(GramianWeightingBase, NamedTasks, LazyState, NonDifferentiab
         self, beta: float = 0.99, warmup_steps: int = 100, min_weight: float = 0.05
     ) -> None:
         super().__init__()
-        self.beta = beta
-        self.warmup_steps = warmup_steps
-        self.min_weight = min_weight
+        self._set_hyperparameters(locals())
         self._register_state()
-
-    @property
-    def beta(self) -> float:
-        """Decay of the moving average of the raw weights."""
-        return self._beta
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self._beta = check_real("beta", value, low=0.0, high=1.0)
-
-    @property
-    def warmup_steps(self) -> int:
-        """Number of first calls with uniform weights."""
-        return self._warmup_steps
-
-    @warmup_steps.setter
-    def warmup_steps(self, value: int) -> None:
-        self._warmup_steps = check_int("warmup_steps", value, low=0)
-
-    @property
-    def min_weight(self) -> float:
-        """Floor of every weight before renormalisation."""
-        return self._min_weight
-
-    @min_weight.setter
-    def min_weight(self, value: float) -> None:
-        self._min_weight = check_real("min_weight", value, low=0.0, high=1.0, high_open=True)
 
     def _initial_state(self, sizes: tuple[int, ...], like: Tensor) -> dict[str, Tensor]:
         (n_tasks,) = sizes
@@ -144,14 +152,9 @@ class GABAWeighting(GramianWeightingBase, NamedTasks, LazyState, NonDifferentiab
         self._commit(finite, rows, ema_weights=new_ema, step_count=step)
         return nan_unless(finite, weights).to(gramian.dtype)
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(beta={self.beta!r}, warmup_steps={self.warmup_steps!r}, "
-            f"min_weight={self.min_weight!r})"
-        )
 
-
-class GABA(GramianAggregator, Stateful, NonDifferentiable):
+@forwards_hyperparameters
+class GABA(GABAParameters, GramianAggregator, Stateful, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator` giving each
     task a weight that grows as its gradient norm shrinks (GABA, from the GRACE
@@ -173,11 +176,8 @@ class GABA(GramianAggregator, Stateful, NonDifferentiable):
     def __init__(
         self, beta: float = 0.99, warmup_steps: int = 100, min_weight: float = 0.05
     ) -> None:
-        super().__init__(GABAWeighting(beta, warmup_steps, min_weight))
+        super().__init__(GABAWeighting.from_arguments(locals()))
 
-    beta = Forwarded(GABAWeighting.beta)
-    warmup_steps = Forwarded(GABAWeighting.warmup_steps)
-    min_weight = Forwarded(GABAWeighting.min_weight)
     tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](GABAWeighting.tasks)
     known_tasks = Forwarded(GABAWeighting.known_tasks)
 

@@ -15,10 +15,16 @@ import torch
 from torch import Tensor
 from torchjd.linalg import PSDMatrix
 
-from ._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
+from ._aggregator_bases import (
+    Forwarded,
+    ForwardedConverting,
+    GramianAggregator,
+    forwards_hyperparameters,
+)
 from ._gramian import accumulation_dtype, all_finite, nan_unless, normalize_gramian
 from ._kernels.golden_qp import solve_golden_qp
 from ._kernels.pcgrad import pcgrad_combination
+from ._parameters import HyperParameters
 from ._tasks import NamedTasks, TaskNames
 from ._torchjd_compat import GramianWeightingBase, NonDifferentiable
 from ._validation import check_bool, check_input, check_int, check_real
@@ -97,8 +103,8 @@ def pendulum_weights(
     return mixture * inverse_norms
 
 
-class GoldenPendulumParameters:
-    """The hyper-parameters shared by the plain and the adaptive weighting, with validation."""
+class GoldenQPParameters(HyperParameters):
+    """The hyper-parameters of the golden QP and its PCGrad pass, which every variant shares."""
 
     @property
     def n_iter(self) -> int:
@@ -126,6 +132,19 @@ class GoldenPendulumParameters:
     @pcgrad.setter
     def pcgrad(self, value: bool) -> None:
         self._pcgrad = check_bool("pcgrad", value)
+
+
+class GoldenPendulumParameters(GoldenQPParameters):
+    """The hyper-parameters of :class:`GoldenPendulumWeighting` and :class:`GoldenPendulum`."""
+
+    @property
+    def lam(self) -> float:
+        """Strength of the pull towards the golden-ratio targets."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = check_real("lam", value, low=0.0)
 
 
 class GoldenPendulumWeighting(
@@ -173,20 +192,8 @@ class GoldenPendulumWeighting(
         pcgrad: bool = True,
     ) -> None:
         super().__init__()
-        self.lam = lam
-        self.n_iter = n_iter
-        self.min_weight_fraction = min_weight_fraction
-        self.pcgrad = pcgrad
+        self._set_hyperparameters(locals())
         self.alpha: Tensor | None = None
-
-    @property
-    def lam(self) -> float:
-        """Strength of the pull towards the golden-ratio targets."""
-        return self._lam
-
-    @lam.setter
-    def lam(self, value: float) -> None:
-        self._lam = check_real("lam", value, low=0.0)
 
     @property
     def balance_ratio(self) -> Tensor | None:
@@ -208,14 +215,9 @@ class GoldenPendulumWeighting(
         self.alpha = alpha
         return nan_unless(all_finite(working), weights).to(gramian.dtype)
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(lam={self.lam!r}, n_iter={self.n_iter!r}, "
-            f"min_weight_fraction={self.min_weight_fraction!r}, pcgrad={self.pcgrad!r})"
-        )
 
-
-class GoldenPendulum(GramianAggregator, NonDifferentiable):
+@forwards_hyperparameters
+class GoldenPendulum(GoldenPendulumParameters, GramianAggregator, NonDifferentiable):
     r"""
     :class:`~torchjd.aggregation.GramianWeightedAggregator` from `Golden Pendulum Multi-Task
     Learning <https://pypi.org/project/golden-pendulum-mtl/>`_ (Knopp, 2026): golden-ratio
@@ -246,16 +248,8 @@ class GoldenPendulum(GramianAggregator, NonDifferentiable):
         min_weight_fraction: float = 0.02,
         pcgrad: bool = True,
     ) -> None:
-        super().__init__(
-            GoldenPendulumWeighting(
-                lam=lam, n_iter=n_iter, min_weight_fraction=min_weight_fraction, pcgrad=pcgrad
-            )
-        )
+        super().__init__(GoldenPendulumWeighting.from_arguments(locals()))
 
-    lam = Forwarded(GoldenPendulumWeighting.lam)
-    n_iter = Forwarded(GoldenPendulumWeighting.n_iter)
-    min_weight_fraction = Forwarded(GoldenPendulumWeighting.min_weight_fraction)
-    pcgrad = Forwarded(GoldenPendulumWeighting.pcgrad)
     alpha = Forwarded[Tensor | None]("alpha", "The QP solution :math:`\\alpha` of the last call.")
     balance_ratio = Forwarded(GoldenPendulumWeighting.balance_ratio)
     tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](

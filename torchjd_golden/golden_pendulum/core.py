@@ -89,9 +89,7 @@ class GoldenPendulumMTL:
         pcgrad: bool = True,
     ) -> None:
         self.n_tasks = n_tasks
-        self.aggregator = GoldenPendulum(
-            lam=lam, n_iter=n_iter, min_weight_fraction=min_weight_fraction, pcgrad=pcgrad
-        )
+        self.aggregator = GoldenPendulum.from_arguments(locals())
         self.weight_history: list[dict[str, float]] = []
 
     lam = aggregator_setting(GoldenPendulum, "lam")

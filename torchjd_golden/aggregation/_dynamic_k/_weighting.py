@@ -20,10 +20,15 @@ from torch import Tensor
 from torchjd import Stateful
 from torchjd.linalg import Matrix, PSDMatrix
 
-from .._aggregator_bases import Forwarded, ForwardedConverting, GramianAggregator
+from .._aggregator_bases import (
+    Forwarded,
+    ForwardedConverting,
+    GramianAggregator,
+    forwards_hyperparameters,
+)
 from .._golden_pendulum import (
     _MIN_NORM,
-    GoldenPendulumParameters,
+    GoldenQPParameters,
     golden_pendulum_weights,
     golden_ratio_weights,
     pendulum_weights,
@@ -154,8 +159,51 @@ class _StepCountBounds:
         return _StepCountBounds(self.low + step, None if self.high is None else self.high + step)
 
 
+class DynamicKParameters(GoldenQPParameters):
+    """
+    The hyper-parameters of :class:`DynamicKWeighting` and :class:`DynamicK` that only
+    configure it (the groups, which regrouping changes, are the weighting's).
+    """
+
+    @property
+    def regroup_every(self) -> int:
+        """Number of steps between two regroupings."""
+        return self._regroup_every
+
+    @regroup_every.setter
+    def regroup_every(self, value: int) -> None:
+        self._regroup_every = check_int("regroup_every", value, low=1)
+
+    @property
+    def similarity_threshold(self) -> float:
+        """The cosine a task needs with every member of a group to join it."""
+        return self._similarity_threshold
+
+    @similarity_threshold.setter
+    def similarity_threshold(self, value: float) -> None:
+        self._similarity_threshold = check_real("similarity_threshold", value, low=-1.0, high=1.0)
+
+    @property
+    def lam(self) -> float:
+        """:math:`\\lambda` of the groups that have none."""
+        return self._lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        self._lam = check_real("lam", value, low=0.0)
+
+    @property
+    def pcgrad_across_groups(self) -> bool:
+        """Whether PCGrad runs over all tasks (the reference's way) rather than within groups."""
+        return self._pcgrad_across_groups
+
+    @pcgrad_across_groups.setter
+    def pcgrad_across_groups(self, value: bool) -> None:
+        self._pcgrad_across_groups = check_bool("pcgrad_across_groups", value)
+
+
 class DynamicKWeighting(
-    GoldenPendulumParameters, GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable
+    DynamicKParameters, GramianWeightingBase, NamedTasks, LazyState, NonDifferentiable
 ):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Weighting`
@@ -250,15 +298,7 @@ class DynamicKWeighting(
         super().__init__()
         self._register_state()
         self._count = _StepCountBounds()
-        self.groups = groups or ()
-        self.auto_group = auto_group
-        self.regroup_every = regroup_every
-        self.similarity_threshold = similarity_threshold
-        self.lam = lam
-        self.n_iter = n_iter
-        self.min_weight_fraction = min_weight_fraction
-        self.pcgrad = pcgrad
-        self.pcgrad_across_groups = pcgrad_across_groups
+        self._set_hyperparameters(locals())
         self.active_groups: tuple[TaskGroup, ...] = ()
 
     @property
@@ -270,8 +310,8 @@ class DynamicKWeighting(
         return self._groups
 
     @groups.setter
-    def groups(self, value: Sequence[GroupSpec]) -> None:
-        self._configured_groups = self._checked_groups(value)
+    def groups(self, value: Sequence[GroupSpec] | None) -> None:
+        self._configured_groups = self._checked_groups(value or ())
         self._groups = self._configured_groups
 
     @property
@@ -284,42 +324,6 @@ class DynamicKWeighting(
         self._auto_group = check_bool("auto_group", value)
         # Without auto_group the calls do not follow the count on the host: read it when needed.
         self._count = _StepCountBounds(0, None)
-
-    @property
-    def regroup_every(self) -> int:
-        """Number of steps between two regroupings."""
-        return self._regroup_every
-
-    @regroup_every.setter
-    def regroup_every(self, value: int) -> None:
-        self._regroup_every = check_int("regroup_every", value, low=1)
-
-    @property
-    def similarity_threshold(self) -> float:
-        """The cosine a task needs with every member of a group to join it."""
-        return self._similarity_threshold
-
-    @similarity_threshold.setter
-    def similarity_threshold(self, value: float) -> None:
-        self._similarity_threshold = check_real("similarity_threshold", value, low=-1.0, high=1.0)
-
-    @property
-    def lam(self) -> float:
-        """:math:`\\lambda` of the groups that have none."""
-        return self._lam
-
-    @lam.setter
-    def lam(self, value: float) -> None:
-        self._lam = check_real("lam", value, low=0.0)
-
-    @property
-    def pcgrad_across_groups(self) -> bool:
-        """Whether PCGrad runs over all tasks (the reference's way) rather than within groups."""
-        return self._pcgrad_across_groups
-
-    @pcgrad_across_groups.setter
-    def pcgrad_across_groups(self, value: bool) -> None:
-        self._pcgrad_across_groups = check_bool("pcgrad_across_groups", value)
 
     @property
     def group_weights(self) -> dict[str, float]:
@@ -560,14 +564,9 @@ class DynamicKWeighting(
         self.tasks = None if decoded["tasks"] is None else decoded_task_names(decoded["tasks"])
         self._count = _StepCountBounds(0, None)  # read from the loaded buffer when needed
 
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}(groups={list(self._configured_groups)!r}, "
-            f"auto_group={self.auto_group!r}, regroup_every={self.regroup_every!r}, "
-            f"similarity_threshold={self.similarity_threshold!r}, lam={self.lam!r}, "
-            f"n_iter={self.n_iter!r}, min_weight_fraction={self.min_weight_fraction!r}, "
-            f"pcgrad={self.pcgrad!r}, pcgrad_across_groups={self.pcgrad_across_groups!r})"
-        )
+    def _shown_value(self, name: str) -> object:
+        # The configured groups, as given (regrouping, add_task and remove_task change the current).
+        return list(self._configured_groups) if name == "groups" else super()._shown_value(name)
 
 
 def _check_disjoint(groups: Sequence[TaskGroup]) -> None:
@@ -583,7 +582,8 @@ def _check_disjoint(groups: Sequence[TaskGroup]) -> None:
             owner[task] = group.name
 
 
-class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
+@forwards_hyperparameters
+class DynamicK(DynamicKParameters, GramianAggregator, Stateful, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.GramianWeightedAggregator` of
     ``golden_pendulum.pro.DynamicK``: Golden Pendulum within groups of named tasks and
@@ -643,36 +643,17 @@ class DynamicK(GramianAggregator, Stateful, NonDifferentiable):
         pcgrad: bool = True,
         pcgrad_across_groups: bool = False,
     ) -> None:
-        super().__init__(
-            self._weighting_class(
-                groups,
-                auto_group=auto_group,
-                regroup_every=regroup_every,
-                similarity_threshold=similarity_threshold,
-                lam=lam,
-                n_iter=n_iter,
-                min_weight_fraction=min_weight_fraction,
-                pcgrad=pcgrad,
-                pcgrad_across_groups=pcgrad_across_groups,
-            )
-        )
+        super().__init__(self._weighting_class.from_arguments(locals()))
         gramian_of = partial(_needed_gramian, self.gramian_weighting)
         self.weighting = weighting_of_matrix(self.gramian_weighting, gramian_of)
 
-    groups = ForwardedConverting[tuple[TaskGroup, ...], Sequence[GroupSpec]](
+    groups = ForwardedConverting[tuple[TaskGroup, ...], Sequence[GroupSpec] | None](
         DynamicKWeighting.groups
     )
     tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](
         DynamicKWeighting.tasks
     )
     auto_group = Forwarded(DynamicKWeighting.auto_group)
-    regroup_every = Forwarded(DynamicKWeighting.regroup_every)
-    similarity_threshold = Forwarded(DynamicKWeighting.similarity_threshold)
-    lam = Forwarded(DynamicKWeighting.lam)
-    n_iter = Forwarded(DynamicKWeighting.n_iter)
-    min_weight_fraction = Forwarded(DynamicKWeighting.min_weight_fraction)
-    pcgrad = Forwarded(DynamicKWeighting.pcgrad)
-    pcgrad_across_groups = Forwarded(DynamicKWeighting.pcgrad_across_groups)
     alpha = Forwarded[Tensor](
         "alpha",
         "The weights of the normalised gradients of the last finite call (empty before any call).",

@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .._kernels.gcond import ResolveSettings
+from .._parameters import HyperParameters
 from .._validation import check_bool, check_int, check_real
 
 
-class GCondParameters:
+class GCondParameters(HyperParameters):
     """The hyper-parameters of the resolution, validated as the reference validates them."""
 
     @property
@@ -133,22 +134,3 @@ class GCondParameters:
             max_iters=self.projection_max_iters or 2 * n_tasks,
             eps=self.eps,
         )
-
-
-PARAMETER_NAMES = (
-    "conflict_thresholds",
-    "use_smooth_logic",
-    "remap_power",
-    "dominance_window",
-    "tie_breaking_weights",
-    "norm_ema_beta",
-    "norm_cap",
-    "projection_max_iters",
-)
-"""The resolution's parameters, in the constructors' order."""
-
-
-def parameters_repr(owner: object) -> str:
-    """The resolution's parameters of ``owner`` (a GCond weighting or aggregator), as keywords."""
-
-    return ", ".join(f"{name}={getattr(owner, name)!r}" for name in PARAMETER_NAMES)

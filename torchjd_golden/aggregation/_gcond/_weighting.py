@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator
 from torchjd.linalg import Matrix
 
-from .._aggregator_bases import Forwarded, ForwardedConverting, checked_call
+from .._aggregator_bases import (
+    Forwarded,
+    ForwardedConverting,
+    checked_call,
+    forwards_hyperparameters,
+)
 from .._gramian import (
     accumulation_dtype,
     all_finite,
@@ -31,7 +36,7 @@ from .._state import LazyState
 from .._tasks import NamedTasks, TaskNames, default_task_names
 from .._torchjd_compat import MatrixWeightingBase, NonDifferentiable
 from .._validation import check_input, check_real
-from ._parameters import GCondParameters, parameters_repr
+from ._parameters import GCondParameters
 from ._statistics import GCondStatistics
 from ._store import Store, checkpoint_form, grown_store, store_from_checkpoint, store_products
 
@@ -138,15 +143,7 @@ class GCondWeighting(
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
-        self.conflict_thresholds = conflict_thresholds
-        self.use_smooth_logic = use_smooth_logic
-        self.remap_power = remap_power
-        self.dominance_window = dominance_window
-        self.tie_breaking_weights = tie_breaking_weights
-        self.norm_ema_beta = norm_ema_beta
-        self.norm_cap = norm_cap
-        self.projection_max_iters = projection_max_iters
-        self.eps = eps
+        self._set_hyperparameters(locals())
         self._register_state()
         # The statistics of the last call, for monitoring (not state: not in checkpoints).
         for name in ("proj_iters", "min_cosine_sim", "last_zone", "last_winner", "last_norms"):
@@ -285,11 +282,9 @@ class GCondWeighting(
             previous_norms_sq=self.previous_norms_sq,
         )
 
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({parameters_repr(self)}, eps={self.eps!r})"
 
-
-class GCond(Aggregator, LazyState, NonDifferentiable):
+@forwards_hyperparameters
+class GCond(GCondParameters, Aggregator, LazyState, NonDifferentiable):
     r"""
     :class:`~torchjd.Stateful` :class:`~torchjd.aggregation.Aggregator` of GCond, the
     Gradient Conductor of `GCond: Gradient Conflict Resolution via Accumulation-based
@@ -406,36 +401,13 @@ class GCond(Aggregator, LazyState, NonDifferentiable):
         eps: float = 1e-8,
     ) -> None:
         super().__init__()
-        self.weighting = GCondWeighting(
-            conflict_thresholds=conflict_thresholds,
-            use_smooth_logic=use_smooth_logic,
-            remap_power=remap_power,
-            dominance_window=dominance_window,
-            tie_breaking_weights=tie_breaking_weights,
-            norm_ema_beta=norm_ema_beta,
-            norm_cap=norm_cap,
-            projection_max_iters=projection_max_iters,
-            eps=eps,
-        )
+        self.weighting = GCondWeighting.from_arguments(locals())
         self.momentum_beta = momentum_beta
         self._register_state()
         # Not state: the last call's weights, for monitoring (not in checkpoints).
         self.register_buffer("resolution_weights", None, persistent=False)
         self._norm_of: tuple[Tensor, Tensor | None] | None = None  # for stats()
 
-    conflict_thresholds = ForwardedConverting[tuple[float, float, float], Sequence[float]](
-        GCondWeighting.conflict_thresholds
-    )
-    use_smooth_logic = Forwarded(GCondWeighting.use_smooth_logic)
-    remap_power = Forwarded(GCondWeighting.remap_power)
-    dominance_window = Forwarded(GCondWeighting.dominance_window)
-    tie_breaking_weights = ForwardedConverting[tuple[float, float], Sequence[float]](
-        GCondWeighting.tie_breaking_weights
-    )
-    norm_ema_beta = Forwarded(GCondWeighting.norm_ema_beta)
-    norm_cap = Forwarded(GCondWeighting.norm_cap)
-    projection_max_iters = Forwarded(GCondWeighting.projection_max_iters)
-    eps = Forwarded(GCondWeighting.eps)
     tasks = ForwardedConverting[TaskNames | None, Sequence[Hashable] | None](GCondWeighting.tasks)
     known_tasks = Forwarded(GCondWeighting.known_tasks)
 
@@ -520,9 +492,3 @@ class GCond(Aggregator, LazyState, NonDifferentiable):
         self.weighting.reset()
         self._norm_of = None
         self.resolution_weights = None
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.__class__.__name__}({parameters_repr(self)}, "
-            f"momentum_beta={self.momentum_beta!r}, eps={self.eps!r})"
-        )
