@@ -4,7 +4,8 @@ the last two Jacobians and the statistics of a call. The arbitration loop itself
 (:mod:`.._kernels.gcond`), with the other sequential solvers.
 """
 
+from ._aggregator import GCond
 from ._statistics import GCondStatistics
-from ._weighting import GCond, GCondWeighting
+from ._weighting import GCondWeighting
 
 __all__ = ["GCond", "GCondStatistics", "GCondWeighting"]
