@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from ..monitoring._diagnostics import ConflictMonitor
+from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
 from ..step._task_step import JacobianStep, TaskLosses, split_task_losses
 

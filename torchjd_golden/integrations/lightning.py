@@ -14,7 +14,7 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from ..monitoring._diagnostics import ConflictMonitor
+from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
 from ..step._task_step import JacobianStep, TaskLosses
 

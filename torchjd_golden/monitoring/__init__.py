@@ -7,8 +7,10 @@ rolling window of steps fed by the Gramian the aggregator already computed
 It stands on :mod:`torchjd_golden.aggregation` alone.
 """
 
-from ._diagnostics import ConflictMonitor, ConflictReport
-from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
+from ._conflict_monitor import ConflictMonitor
+from ._conflict_report import ConflictReport
+from ._gramian_diagnostics import GramianDiagnostics, gramian_diagnostics
+from ._weight_logger import WeightLogger
 
 __all__ = [
     "ConflictMonitor",

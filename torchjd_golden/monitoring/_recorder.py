@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from torchjd.aggregation import Aggregator, WeightedAggregator
 
 from ..aggregation._torchjd_compat import GramianWeightingBase
-from ._monitoring import hook_alpha, hook_gramian, weighting_of
+from ._weighting_calls import hook_alpha, hook_gramian, weighting_of
 
 
 @runtime_checkable

@@ -23,9 +23,9 @@ from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
 from ..aggregation._tasks import default_task_names, set_step_inputs
 from ..config import aggregator_from_config
-from ..monitoring._diagnostics import ConflictMonitor
-from ..monitoring._monitoring import weight_scalars
+from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
+from ..monitoring._weighting_calls import weight_scalars
 from ._amp import with_grad_scaler
 
 

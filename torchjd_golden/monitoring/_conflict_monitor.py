@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +22,15 @@ from torch.utils.hooks import RemovableHandle
 from ..aggregation._golden_pendulum import golden_ratio_weights
 from ..aggregation._tasks import NamedTasks, check_task_names
 from ..aggregation._validation import check_bool, check_int, check_real
-from ._monitoring import conflict_statistics
+from ._conflict_report import (
+    STATISTICS,
+    ConflictReport,
+    alert_messages,
+    conflicting_pairs,
+    statistics_of,
+    summary_text,
+)
+from ._gramian_diagnostics import conflict_statistics
 from ._recorder import hook_recorder
 
 # As the reference: gradients are divided by max(norm, 1e-8), the smallest norm is clamped at
@@ -35,46 +42,7 @@ _MIN_VARIANCE = 1e-10
 _RESONANCE_SPAN = 100
 _RESONANCE_MIN_RECORDS = 50
 _RESONANCE_LAGS = range(2, 21)
-_RESONANCE_ALERT = 0.7
 _SUMMARY_SPAN = 10
-
-# The order of the statistics kept per step, and the decimals the reference rounds them to.
-_STATISTICS = ("conflict_ratio", "norm_ratio", "weight_deviation", "balance_ratio", "resonance")
-_DECIMALS = {
-    "conflict_ratio": 4,
-    "norm_ratio": 2,
-    "weight_deviation": 6,
-    "balance_ratio": 4,
-    "resonance": 4,
-}
-_PAIR_DECIMALS = 4
-
-
-@dataclass
-class ConflictReport:
-    """
-    The diagnostics of one step, with the fields of ``golden_pendulum.pro.ConflictReport``.
-
-    :ivar step: The index of the step among the recorded ones.
-    :ivar conflict_ratio: The fraction of the task pairs whose gradients have a negative cosine.
-    :ivar conflict_pairs: ``(task_i, task_j, cosine)`` for each conflicting pair, ``i < j``.
-    :ivar gradient_norms: The gradient norm of each task, by name.
-    :ivar norm_ratio: The largest over the smallest gradient norm.
-    :ivar weight_deviation: The Euclidean distance of the last recorded weights from the golden
-        targets (:func:`~torchjd_golden.golden_ratio_weights`); 0 before any.
-    :ivar balance_ratio: :math:`w_{\\min} / w_{\\max}` of the last recorded weights; 0 before any.
-    :ivar resonance_score: How periodic the weights are, from 0 to 1 (see
-        :class:`ConflictMonitor`).
-    """
-
-    step: int
-    conflict_ratio: float
-    conflict_pairs: list[tuple[Any, Any, float]]
-    gradient_norms: dict[Any, float]
-    norm_ratio: float
-    weight_deviation: float
-    balance_ratio: float
-    resonance_score: float = 0.0
 
 
 class ConflictMonitor(NamedTasks):
@@ -260,7 +228,7 @@ class ConflictMonitor(NamedTasks):
             [conflict_ratio, norm_ratio, deviation, balance, self._resonance(gramian)]
         )
         if self._statistics is None or self._statistics.device != gramian.device:
-            self._statistics = gramian.new_zeros((self.window_size, len(_STATISTICS)))
+            self._statistics = gramian.new_zeros((self.window_size, len(STATISTICS)))
         self._statistics[self._step_count % self.window_size] = statistics
         self._last = (names, cosine, norms)
         self._step_count += 1
@@ -275,7 +243,7 @@ class ConflictMonitor(NamedTasks):
         if self._statistics is None or self._step_count == 0:
             return {}
         row = self._statistics[(self._step_count - 1) % self.window_size]
-        return dict(zip(_STATISTICS, row.unbind(), strict=True))
+        return dict(zip(STATISTICS, row.unbind(), strict=True))
 
     def _names(self, m: int, tasks: Iterable[Hashable] | None) -> tuple[Hashable, ...]:
         names = check_task_names(tasks) or self._tasks or tuple(range(m))
@@ -351,12 +319,7 @@ class ConflictMonitor(NamedTasks):
         count = min(count, self._step_count, self.window_size)
         slots = [(self._step_count - count + i) % self.window_size for i in range(count)]
         rows = self._statistics[slots].tolist()
-        return [self._maybe_rounded(dict(zip(_STATISTICS, row, strict=True))) for row in rows]
-
-    def _maybe_rounded(self, statistics: dict[str, float]) -> dict[str, float]:
-        if not self.rounded:
-            return statistics
-        return {name: round(value, _DECIMALS[name]) for name, value in statistics.items()}
+        return [statistics_of(row, self.rounded) for row in rows]
 
     def report(self) -> ConflictReport:
         """The report of the last recorded step (reads it on the host)."""
@@ -365,17 +328,10 @@ class ConflictMonitor(NamedTasks):
             raise ValueError("`ConflictMonitor.report` needs a recorded step: call `record` first.")
         names, cosine, norms = self._last
         (statistics,) = self._statistics_of_last(1)
-        cosines = cosine.tolist()
-        pairs = []
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                if cosines[i][j] < 0.0:
-                    value = round(cosines[i][j], _PAIR_DECIMALS) if self.rounded else cosines[i][j]
-                    pairs.append((names[i], names[j], value))
         return ConflictReport(
             step=self._step_count - 1,
             conflict_ratio=statistics["conflict_ratio"],
-            conflict_pairs=pairs,
+            conflict_pairs=conflicting_pairs(names, cosine.tolist(), self.rounded),
             gradient_norms=dict(zip(names, norms.tolist(), strict=True)),
             norm_ratio=statistics["norm_ratio"],
             weight_deviation=statistics["weight_deviation"],
@@ -390,52 +346,18 @@ class ConflictMonitor(NamedTasks):
         if self._statistics is None:
             return []
         row = self._statistics[(self._step_count - 1) % self.window_size].tolist()
-        conflict, norm_ratio, _, balance, resonance = row
-        alerts = []
-        if conflict > self.alert_conflict_ratio:
-            alerts.append(
-                f"HIGH CONFLICT: {conflict:.2%} of task pairs conflicting "
-                f"(threshold: {self.alert_conflict_ratio:.2%})"
-            )
-        if norm_ratio > self.alert_norm_ratio:
-            alerts.append(
-                f"GRADIENT IMBALANCE: norm ratio {norm_ratio:.1f}x "
-                f"(threshold: {self.alert_norm_ratio:.1f}x). Gradient normalization is critical."
-            )
-        if 0.0 < balance < self.alert_balance_floor:
-            alerts.append(
-                f"LOW BALANCE: w_min/w_max = {balance:.3f} "
-                f"(threshold: {self.alert_balance_floor:.3f}). Consider increasing lambda."
-            )
-        if resonance > _RESONANCE_ALERT:
-            alerts.append(
-                f"RESONANCE DETECTED: score {resonance:.3f}. "
-                "Weights are oscillating periodically. Increase lambda."
-            )
-        return alerts
+        return alert_messages(
+            dict(zip(STATISTICS, row, strict=True)),
+            conflict_ratio=self.alert_conflict_ratio,
+            norm_ratio=self.alert_norm_ratio,
+            balance_floor=self.alert_balance_floor,
+        )
 
     def summary(self) -> str:
         """The reference's summary: averages over the last 10 steps, and the current alerts."""
 
         recent = self._statistics_of_last(_SUMMARY_SPAN)
-        if not recent:
-            return "No diagnostics recorded yet."
-
-        def average(name: str) -> float:
-            return sum(statistics[name] for statistics in recent) / len(recent)
-
-        lines = [
-            f"=== Golden Pendulum Diagnostics (last {len(recent)} steps) ===",
-            f"  Avg conflict ratio:   {average('conflict_ratio'):.3f}",
-            f"  Avg norm ratio:       {average('norm_ratio'):.1f}x",
-            f"  Avg balance:          {average('balance_ratio'):.3f}",
-            f"  Avg resonance score:  {average('resonance'):.3f}",
-        ]
-        alerts = self.alerts
-        if alerts:
-            lines.append("  ALERTS:")
-            lines.extend(f"    ! {alert}" for alert in alerts)
-        return "\n".join(lines)
+        return summary_text(recent, self.alerts)
 
     def history(self) -> dict[str, Tensor]:
         """
@@ -450,7 +372,7 @@ class ConflictMonitor(NamedTasks):
         first = self._step_count - count
         slots = (torch.arange(count, device=self._statistics.device) + first) % self.window_size
         rows = self._statistics[slots]
-        return {name: rows[:, k] for k, name in enumerate(_STATISTICS)}
+        return {name: rows[:, k] for k, name in enumerate(STATISTICS)}
 
     def __repr__(self) -> str:
         return (
