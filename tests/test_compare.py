@@ -15,7 +15,8 @@ from torchjd_golden import GoldenPendulum
 from torchjd_golden.compare import _cli, main
 from torchjd_golden.compare._methods import SETTINGS, Method, build_method
 from torchjd_golden.compare._plots import _pyplot, _workload_figure
-from torchjd_golden.compare._report import balance, delta_m, markdown_report, summarize
+from torchjd_golden.compare._report import markdown_report
+from torchjd_golden.compare._summary import balance, delta_m, summarize
 from torchjd_golden.compare._training import (
     Job,
     MultiTaskNetwork,
