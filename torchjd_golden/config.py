@@ -1,6 +1,10 @@
 """
 Building aggregators and weightings by name, from a dict, a YAML or JSON file, or an OmegaConf
-node, so that a config file picks the method.
+node, so that a config file picks the method: this package's, torchjd's, and those other packages
+register under the entry-point group ``torchjd_golden``.
+
+It stands on :mod:`torchjd_golden.aggregation` and on the presets of
+:mod:`torchjd_golden.schedule`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import torch
 import torchjd.aggregation as torchjd_aggregation
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
 
+from . import aggregation
 from .schedule._presets import expand_preset
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "aggregator_from_config",
+    "available_names",
+    "weighting_from_config",
+]
 
 ENTRY_POINT_GROUP = "torchjd_golden"
 """The entry-point group under which aggregators and weightings are registered (ours included)."""
@@ -216,11 +228,9 @@ def _normalize(kind: Kind, name: str) -> str:
 def _registry(kind: Kind) -> dict[str, _Entry]:
     """Normalised name -> entry: this package first, then torchjd, then entry-point plugins."""
 
-    import torchjd_golden  # noqa: PLC0415 - the package imports this module
-
     registry: dict[str, _Entry] = {}
     sources = [
-        ("torchjd_golden", {n: getattr(torchjd_golden, n) for n in torchjd_golden.__all__}),
+        ("torchjd_golden", {n: getattr(aggregation, n) for n in aggregation.__all__}),
         ("torchjd", {n: getattr(torchjd_aggregation, n) for n in torchjd_aggregation.__all__}),
     ]
     for package, objects in sources:
