@@ -1,7 +1,7 @@
 """
-The kernels (``torchjd_golden/_kernels``): each one's host and tensor paths agree on every kind
-of input, the way PyTorch's ``test_foreach_matches_forloop`` checks its two paths; each matches
-its reference; the path is chosen by argument or context manager.
+The kernels (``torchjd_golden/aggregation/_kernels``): each one's host and tensor paths agree on
+every kind of input, the way PyTorch's ``test_foreach_matches_forloop`` checks its two paths; each
+matches its reference; the path is chosen by argument or context manager.
 """
 
 from __future__ import annotations
