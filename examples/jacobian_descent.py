@@ -83,10 +83,11 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad()
         milliseconds = 1e3 * (time.perf_counter() - start) / args.steps
-        difference = max(
-            float((p - q).abs().max() / q.abs().max())
-            for p, q in zip(network.parameters(), reference.parameters(), strict=True)
-        )
+        with torch.no_grad():
+            difference = max(
+                float((p - q).abs().max() / q.abs().max())
+                for p, q in zip(network.parameters(), reference.parameters(), strict=True)
+            )
         shown = ", ".join(f"{w:.3g}" for w in weights.tolist())  # type: ignore[union-attr]
         print(f"{source:12s} {milliseconds:7.1f}  [{shown:30s}]  {difference:.1e}")
     print(

@@ -39,10 +39,27 @@ class RankGroup:
         dist.all_reduce(tensor, op=_OPS[op], group=self.group)
         return tensor
 
+    def average_gradients(self, parameters: list[Tensor]) -> None:
+        """Replaces the ``.grad`` of ``parameters`` (zeros where there is none) by their mean over
+        the ranks, as DDP would, in one all-reduce."""
+
+        if not parameters:
+            return
+        flat = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                for p in parameters
+            ]
+        )
+        self.all_reduce(flat).div_(self.size)
+        pieces = torch.split(flat, [p.numel() for p in parameters])
+        for parameter, piece in zip(parameters, pieces, strict=True):
+            parameter.grad = piece.view_as(parameter)
+
     def all_reduce_rows(self, tensor: Tensor, op: ReduceOp) -> Tensor:
         """
         A row statistic of the whole Jacobian from the rows of this rank's block of columns (the
-        hook :func:`~torchjd_golden._gramian.column_blocks` installs): a new tensor, the
+        hook :func:`~torchjd_golden.aggregation._gramian.column_blocks` installs): a new tensor, the
         argument untouched.
         """
 

@@ -15,11 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchjd.aggregation import Aggregator
 from torchjd.autojac import jac_to_grad
 
-from .._amp import with_grad_scaler
-from .._gramian import compute_gramian
-from .._tasks import set_step_inputs
+from ..aggregation._gramian import compute_gramian
+from ..aggregation._tasks import set_step_inputs
+from ._amp import with_grad_scaler
 from ._collectives import ColumnBlocks, RankGroup
-from ._features import feature_gradients, weighted_backward
+from ._features import all_reduced_feature_gramian, feature_gradients, weighted_backward
 from ._fsdp import FullyShardedRows, is_fully_sharded, stash_gradients, write_sharded
 from ._jacobian import (
     accumulate_jacobians,
@@ -28,7 +28,8 @@ from ._jacobian import (
     is_compiled,
     write_gradients,
 )
-from ._losses import TaskLossesInput, detached_vector, task_losses
+from ._losses import TaskLossesInput, detached_vector, shared_features, task_losses
+from ._parameters import StepParameters
 from ._sharded import aggregate_block, call_capturing_weights, column_split, gramian_weighting_of
 
 GramianSource = Literal["parameters", "features"]
@@ -134,8 +135,7 @@ class JacobianDescent:
         self.scaler = scaler
         inner = module.module if isinstance(module, DistributedDataParallel) else module
         # Listed now: between a forward and its backward, an FSDP2 root lists its unsharded ones.
-        self._parameters = list(inner.parameters())
-        self._shared = self._shared_set(shared)
+        self._parameters = StepParameters(list(inner.parameters()), shared)
         self._ranks: RankGroup | None = None
         self._fsdp: FullyShardedRows | None = None
         self._layout: Layout = "local"
@@ -147,7 +147,7 @@ class JacobianDescent:
                 module.require_backward_grad_sync = False
         elif is_fully_sharded(module):
             self._layout = "fsdp"
-            self._fsdp = FullyShardedRows(module, self._parameters)
+            self._fsdp = FullyShardedRows(module, self._parameters.all)
             self._ranks = self._fsdp.ranks
         self.per_task = per_task
         if per_task is None and (self._layout == "fsdp" or is_compiled(module)):
@@ -188,7 +188,7 @@ class JacobianDescent:
                 f"{list(names) if names else len(values)}: every micro-batch of a step must give "
                 "the same tasks."
             )
-        feature_list = _feature_list(features)
+        feature_list = shared_features(features)
         self._step.tasks, self._step.m = names, len(values)
         if self.gramian_from == "features":
             if feature_list is None:
@@ -228,8 +228,8 @@ class JacobianDescent:
     # -- the exact step on one process and under DDP: torchjd's .jac fields ----------------------
 
     def _accumulate_jacobians(self, losses: list[Tensor], features: list[Tensor] | None) -> None:
-        shared, others = self._split_trainable()
-        if self._shared is None:  # every parameter is shared, those after the features too
+        shared, others = self._parameters.split()
+        if self._parameters.shared is None:  # every parameter is shared, those after the features
             features = None
         if self.per_task is None and not self._batched_proven:
             self._probe_batched(losses, shared, others, features)
@@ -263,18 +263,13 @@ class JacobianDescent:
         self._batched_proven = True
 
     def _resolve_jacobians(self) -> Tensor | None:
-        shared, others = self._split_trainable()
+        shared, others = self._parameters.split()
         shared = [p for p in shared if hasattr(p, "jac")]
         if self._layout == "local":
             set_step_inputs(self.aggregator, self._step.tasks, self._step.loss_sum)
             return jac_to_grad(shared, self._aggregator_in_use()) if shared else None
         assert self._ranks is not None
-        if others:  # the heads' own gradients, averaged as DDP would
-            flat = torch.cat([_gradient_or_zeros(p).reshape(-1) for p in others])
-            self._ranks.all_reduce(flat).div_(self._ranks.size)
-            pieces = torch.split(flat, [p.numel() for p in others])
-            for parameter, piece in zip(others, pieces, strict=True):
-                parameter.grad = piece.view_as(parameter)
+        self._ranks.average_gradients(others)  # the heads' own, as DDP would
         if not shared:
             return None
         jacobian = flat_jacobian(shared)
@@ -303,7 +298,7 @@ class JacobianDescent:
 
     def _accumulate_sharded_rows(self, losses: list[Tensor]) -> None:
         assert self._fsdp is not None
-        trainable = self._trainable()
+        trainable = self._parameters.trainable()
         if self._step.stashed is None:
             self._step.stashed = stash_gradients(trainable)
             self._step.parameters = trainable
@@ -317,10 +312,11 @@ class JacobianDescent:
         assert self._step.rows is not None
         assert self._step.stashed is not None
         parameters, rows = self._step.parameters, self._step.rows
+        local_sizes = [p.to_local().numel() for p in parameters]  # type: ignore[attr-defined]
         is_shared = torch.cat(
             [
-                torch.full((p.to_local().numel(),), self._is_shared(p), device=rows.device)  # type: ignore[attr-defined]
-                for p in parameters
+                torch.full((size,), self._parameters.is_shared(p), device=rows.device)
+                for p, size in zip(parameters, local_sizes, strict=True)
             ]
         )
         update = rows.sum(dim=0)
@@ -341,12 +337,12 @@ class JacobianDescent:
         gramian = compute_gramian(rows)
         loss_vector = detached_vector(losses)
         if self._ranks is not None:
-            gramian, loss_vector = self._all_reduced_feature_gramian(gramian, loss_vector)
+            gramian, loss_vector = all_reduced_feature_gramian(self._ranks, gramian, loss_vector)
         set_step_inputs(self.aggregator, self._step.tasks, loss_vector)
         weighting = gramian_weighting_of(self._aggregator_in_use())
         assert weighting is not None
         weights = weighting(gramian)
-        everything_shared = self._shared is None
+        everything_shared = self._parameters.shared is None
         weighted_backward(
             losses, weights, None if everything_shared else features, None if everything_shared
             else rows,
@@ -355,52 +351,7 @@ class JacobianDescent:
             weights if self._step.weights_sum is None else self._step.weights_sum + weights
         )
 
-    def _all_reduced_feature_gramian(
-        self, gramian: Tensor, losses: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        r"""
-        The feature Gramian of the global-mean losses: the gradient of :math:`\frac1R \sum_r L_r`
-        with respect to rank :math:`r`'s features is :math:`\frac1R` of its own, so the Gramian is
-        :math:`\frac{1}{R^2} \sum_r G_r`; and the mean losses.
-        """
-
-        assert self._ranks is not None
-        m, size = gramian.shape[0], self._ranks.size
-        statistics = torch.cat([gramian.reshape(-1), losses.to(gramian.dtype)])
-        self._ranks.all_reduce(statistics)
-        return statistics[: m * m].view(m, m) / size**2, statistics[m * m :] / size
-
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _shared_set(self, shared: nn.Module | Iterable[Tensor] | None) -> set[int] | None:
-        if shared is None:
-            return None
-        tensors = list(shared.parameters() if isinstance(shared, nn.Module) else shared)
-        known = {id(p) for p in self._parameters}
-        for tensor in tensors:
-            if not isinstance(tensor, Tensor):
-                raise TypeError(
-                    "Parameter `shared` must be a module or parameters of `module`. Found "
-                    f"{type(tensor).__name__}."
-                )
-            if id(tensor) not in known:
-                raise ValueError(
-                    "Parameter `shared` holds a tensor that is not a parameter of `module` (for "
-                    "FSDP2, list them after `fully_shard` and before the first forward)."
-                )
-        return {id(t) for t in tensors}
-
-    def _is_shared(self, parameter: Tensor) -> bool:
-        return self._shared is None or id(parameter) in self._shared
-
-    def _trainable(self) -> list[Tensor]:
-        return [p for p in self._parameters if p.requires_grad]
-
-    def _split_trainable(self) -> tuple[list[Tensor], list[Tensor]]:
-        trainable = self._trainable()
-        return [p for p in trainable if self._is_shared(p)], [
-            p for p in trainable if not self._is_shared(p)
-        ]
 
     def _aggregator_in_use(self) -> Aggregator:
         scaler = self.scaler
@@ -441,19 +392,3 @@ class _Step:
     rows: Tensor | None = None  # FSDP2: the Jacobian's rows on this rank's shards
     stashed: list[Tensor | None] | None = None  # FSDP2: the gradients held before the step
     parameters: list[Tensor] = field(default_factory=list)  # FSDP2: the step's trainable ones
-
-
-def _feature_list(features: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
-    if features is None:
-        return None
-    listed = [features] if isinstance(features, Tensor) else list(features)
-    if not listed or not all(isinstance(f, Tensor) and f.requires_grad for f in listed):
-        raise ValueError(
-            "Parameter `features` must be the shared features (a tensor or a sequence of tensors "
-            "that require grad: the trunk's output)."
-        )
-    return listed
-
-
-def _gradient_or_zeros(parameter: Tensor) -> Tensor:
-    return torch.zeros_like(parameter) if parameter.grad is None else parameter.grad

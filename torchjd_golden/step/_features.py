@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .._gramian import combine_rows
+from ..aggregation._gramian import combine_rows
+from ._collectives import RankGroup
 
 
 def feature_gradients(losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
@@ -82,6 +83,22 @@ def weighted_backward(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def all_reduced_feature_gramian(
+    ranks: RankGroup, gramian: Tensor, losses: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""
+    The feature Gramian of the global-mean losses, from this rank's ``gramian`` and ``losses``:
+    the gradient of :math:`\frac1R \sum_r L_r` with respect to rank :math:`r`'s features is
+    :math:`\frac1R` of its own, so the Gramian is :math:`\frac{1}{R^2} \sum_r G_r`; and the mean
+    losses. One all-reduce of :math:`m^2 + m` numbers.
+    """
+
+    m, size = gramian.shape[0], ranks.size
+    statistics = torch.cat([gramian.reshape(-1), losses.to(gramian.dtype)])
+    ranks.all_reduce(statistics)
+    return statistics[: m * m].view(m, m) / size**2, statistics[m * m :] / size
 
 
 def _replacement(gradient: Tensor) -> Callable[[Tensor], Tensor]:

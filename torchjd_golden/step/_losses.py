@@ -1,4 +1,7 @@
-"""The per-task losses a step is given: a mapping by task name, a vector, or a sequence."""
+"""
+What a step is given: the per-task losses (a mapping by task name, a vector, or a sequence) and
+the shared features.
+"""
 
 from __future__ import annotations
 
@@ -52,3 +55,17 @@ def detached_vector(losses: Sequence[Tensor]) -> Tensor:
     """The losses as one detached vector (for the aggregators that read them)."""
 
     return torch.stack([loss.detach() for loss in losses])
+
+
+def shared_features(features: Tensor | Sequence[Tensor] | None) -> list[Tensor] | None:
+    """The shared features as a list of tensors (``None`` stays ``None``), checked."""
+
+    if features is None:
+        return None
+    listed = [features] if isinstance(features, Tensor) else list(features)
+    if not listed or not all(isinstance(f, Tensor) and f.requires_grad for f in listed):
+        raise ValueError(
+            "Parameter `features` must be the shared features (a tensor or a sequence of tensors "
+            "that require grad: the trunk's output)."
+        )
+    return listed

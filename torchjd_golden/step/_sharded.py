@@ -8,9 +8,10 @@ An aggregator is run in one of three ways, chosen by :func:`column_split`:
   blocks' Gramians are summed by one all-reduce of :math:`m^2` numbers (with the losses riding
   along); every rank applies the weighting to the same Gramian and combines its block;
 - ``"blocks"`` (a method whose row statistics are sums or maxima over columns, ExcessMTL and
-  GCond here): the method runs on the block inside :func:`~torchjd_golden._gramian.column_blocks`,
-  which all-reduces each such statistic; its per-column state (ExcessMTL's squares, GCond's
-  previous rows and momentum) is this rank's block only;
+  GCond here): the method runs on the block inside
+  :func:`~torchjd_golden.aggregation._gramian.column_blocks`, which all-reduces each such
+  statistic; its per-column state (ExcessMTL's squares, GCond's previous rows and momentum) is
+  this rank's block only;
 - ``"whole"`` (any other aggregator): the blocks are gathered, every rank aggregates the whole
   Jacobian (the same state on every rank) and keeps its columns.
 """
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator, GramianWeightedAggregator, WeightedAggregator, Weighting
 from torchjd.linalg import PSDMatrix
 
-from .._gramian import column_blocks, combine_rows, compute_gramian
-from .._tasks import set_step_inputs
+from ..aggregation._gramian import column_blocks, combine_rows, compute_gramian
+from ..aggregation._tasks import set_step_inputs
 from ._collectives import RankGroup
 from ._jacobian import is_compiled
 
