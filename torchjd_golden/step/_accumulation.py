@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ._parameters import graph_leaves
+
 
 def backward_task(
     loss: Tensor,
@@ -76,18 +78,7 @@ def backward_task(
 def _leaf_tensors(loss: Tensor) -> list[Tensor]:
     """The leaf tensors requiring grad that ``loss`` depends on, in order of discovery."""
 
-    leaves: dict[int, Tensor] = {}
-    seen: set[object] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.setdefault(id(variable), variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    leaves = list(graph_leaves([loss]).values())
     if not leaves:
         raise ValueError("Parameter `loss` does not depend on any tensor that requires grad.")
-    return list(leaves.values())
+    return leaves
