@@ -17,7 +17,7 @@ from torchjd.autojac import backward, jac_to_grad, mtl_backward
 from torchjd_golden.step import JacobianDescent
 from torchjd_golden.step._parameters import graph_leaves
 
-from .._step import FACTORIES, TASKS, Network, batch, flat
+from .._step import FACTORIES, TASKS, Network, batch
 
 
 class Unused(Network):

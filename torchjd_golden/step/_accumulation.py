@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ._jacobian import add_to_row
 from ._parameters import graph_leaves
 
 
@@ -61,18 +62,8 @@ def backward_task(
     gradients = torch.autograd.grad(
         loss.reshape(()), targets, retain_graph=retain_graph, allow_unused=True
     )
-    for tensor, maybe_gradient in zip(targets, gradients, strict=True):
-        gradient = torch.zeros_like(tensor) if maybe_gradient is None else maybe_gradient
-        jacobian = getattr(tensor, "jac", None)
-        if jacobian is None:
-            jacobian = gradient.new_zeros((n_tasks, *tensor.shape))
-            tensor.__setattr__("jac", jacobian)
-        elif jacobian.shape != (n_tasks, *tensor.shape):
-            raise ValueError(
-                f"The .jac field of a tensor has shape {tuple(jacobian.shape)}, which does not "
-                f"have {n_tasks} rows of shape {tuple(tensor.shape)}."
-            )
-        jacobian[task].add_(gradient, alpha=scale)
+    for tensor, gradient in zip(targets, gradients, strict=True):
+        add_to_row(tensor, task, n_tasks, gradient, alpha=scale)
 
 
 def _leaf_tensors(loss: Tensor) -> list[Tensor]:
