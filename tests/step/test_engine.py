@@ -170,6 +170,10 @@ def _every_layout(rank: int) -> dict[str, Any]:
     """Every case under DDP, then under FSDP2: one start of the two processes for all checks."""
 
     runs: dict[str, Any] = {layout: _train_cases(layout, rank) for layout in ("ddp", "fsdp")}
+    for name in _FOUND:  # the trainers' step: the trunk found from the features
+        runs[f"found {name}"] = train(
+            name, "parameters", layout="ddp", rank=rank, shared="features"
+        )
     try:  # the trainers' shared parameters, found in the graph, are FSDP2's unsharded ones
         JacobianDescent(wrapped(Network(), "fsdp"), UPGrad(), shared="features")
     except ValueError as error:
@@ -197,6 +201,25 @@ def _one_process(name: str, source: GramianSource, dtype: torch.dtype) -> Run:
     """The reference of both layouts: one process on the whole batches (computed once)."""
 
     return train(name, source, dtype=dtype)
+
+
+_FOUND = ("GoldenPendulum", "GCond")
+
+
+@pytest.mark.parametrize("name", _FOUND)
+def test_ddp_with_the_shared_parameters_found_is_one_process(
+    name: str, two_process_runs: list[dict[str, Any]]
+) -> None:
+    first, second = (runs[f"found {name}"] for runs in two_process_runs)
+    alone = _one_process(name, "parameters", torch.float64)
+    for mine, other in zip(first.parameters, second.parameters, strict=True):
+        assert torch.equal(mine, other)
+    for mine, expected in zip(first.weights, alone.weights, strict=True):
+        assert (mine is None) == (expected is None)
+        if mine is not None:
+            assert relative_error(mine, expected) <= _tolerance(torch.float64)  # type: ignore[arg-type]
+    for mine, expected in zip(first.gradients, alone.gradients, strict=True):
+        assert relative_error(mine, expected) <= _tolerance(torch.float64)
 
 
 def test_fsdp2_needs_the_shared_parameters_named(two_process_runs: list[dict[str, Any]]) -> None:

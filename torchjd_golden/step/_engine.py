@@ -91,10 +91,8 @@ class JacobianDescent:
     :param module: The model: a module, a ``DistributedDataParallel`` module or an FSDP2 module.
     :param aggregator: Any torchjd aggregator, ours included.
     :param shared: The shared parameters: a module, an iterable of parameters, ``None`` (every
-        parameter of ``module``), or ``"features"``: those the ``features`` depend on, found at
-        each step in the graph as torchjd's ``mtl_backward`` finds them (every parameter the losses
-        reach, without features), the parameters no loss reaches getting no gradient; for a model
-        that gives its features but does not name its trunk, as in the trainer integrations.
+        parameter of ``module``), or ``"features"`` (found at each step as ``mtl_backward`` finds
+        them, unreached parameters getting no gradient: what the trainer integrations use).
     :param gramian_from: ``"parameters"`` or ``"features"``.
     :param scaler: The ``GradScaler`` that scales the losses, or ``None``.
     :param per_task: Whether the exact Jacobian is computed by one backward pass per task
