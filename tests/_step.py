@@ -138,8 +138,12 @@ def train(
     rank: int | None = None,
     dtype: torch.dtype = torch.float64,
     steps: int = STEPS,
+    shared: Literal["trunk", "features"] = "trunk",
 ) -> Run:
-    """Trains with aggregator ``name`` through a :class:`JacobianDescent` of ``layout``."""
+    """
+    Trains with aggregator ``name`` through a :class:`JacobianDescent` of ``layout``, the trunk
+    named as shared or found from the features (``shared="features"``, as the trainers do).
+    """
 
     torch.manual_seed(0)
     network = Network().to(dtype)
@@ -147,7 +151,8 @@ def train(
     aggregator = FACTORIES[name]()
     monitor = ConflictMonitor()  # a hook on the weighting: it sees the whole batch's Gramian
     monitor.attach(aggregator)
-    engine = JacobianDescent(model, aggregator, shared=network.trunk, gramian_from=source)
+    named = network.trunk if shared == "trunk" else "features"
+    engine = JacobianDescent(model, aggregator, shared=named, gramian_from=source)
     optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
     weights, gradients, norms = [], [], []
     for step in range(steps):

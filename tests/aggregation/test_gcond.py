@@ -529,8 +529,8 @@ def test_no_api_reports_weights_that_are_not_the_update(tmp_path: Path) -> None:
     step = JacobianStep(GCond())
     curriculum = Curriculum([Phase("all", tasks=["a", "b", "c"], steps=5)], GCond(), model=model)
     for batch in batches:
-        step.backward(step.take(_task_losses(model, batch)))
-        assert step.resolve(parameters) is None
+        step.backward(step.take(_task_losses(model, batch)), model)
+        assert step.resolve() is None
         assert step.aggregated
         assert step.weight_scalars() == {}
         model.zero_grad()
@@ -548,9 +548,9 @@ def test_no_api_reports_weights_that_are_not_the_update(tmp_path: Path) -> None:
     monitor = monitored.recorder
     assert isinstance(monitor, ConflictMonitor)
     for batch in batches:
-        monitored.backward(monitored.take(_task_losses(model, batch)))
+        monitored.backward(monitored.take(_task_losses(model, batch)), model)
         jacobian = torch.cat([p.jac.flatten(1) for p in parameters], dim=1)  # type: ignore[attr-defined]
-        monitored.resolve(parameters)
+        monitored.resolve()
         report = monitor.report()
         assert report.gradient_norms == pytest.approx(
             dict(

@@ -8,6 +8,7 @@ gives what one process gives on the whole batch, for every method and both sourc
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from .._step import (
     resumed,
     takes_gramian,
     train,
+    wrapped,
 )
 
 GRAMIAN_FACTORIES = [name for name in FACTORIES if takes_gramian(name)]
@@ -164,22 +166,65 @@ def _train_cases(layout: str, rank: int) -> dict[str, Any]:
     return runs
 
 
-def _ddp_cases(rank: int) -> dict[str, Any]:
-    return _train_cases("ddp", rank)
+def _every_layout(rank: int) -> dict[str, Any]:
+    """Every case under DDP, then under FSDP2: one start of the two processes for all checks."""
 
-
-def _fsdp_cases(rank: int) -> dict[str, Any]:
-    return _train_cases("fsdp", rank)
+    runs: dict[str, Any] = {layout: _train_cases(layout, rank) for layout in ("ddp", "fsdp")}
+    for name in _FOUND:  # the trainers' step: the trunk found from the features
+        runs[f"found {name}"] = train(
+            name, "parameters", layout="ddp", rank=rank, shared="features"
+        )
+    try:  # the trainers' shared parameters, found in the graph, are FSDP2's unsharded ones
+        JacobianDescent(wrapped(Network(), "fsdp"), UPGrad(), shared="features")
+    except ValueError as error:
+        runs["fsdp refusal"] = str(error)
+    return runs
 
 
 @pytest.fixture(scope="module")
-def ddp_runs() -> list[dict[str, Run]]:
-    return on_ranks(_ddp_cases)
+def two_process_runs() -> list[dict[str, Any]]:
+    return on_ranks(_every_layout)
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs() -> list[dict[str, Run]]:
-    return on_ranks(_fsdp_cases)
+def ddp_runs(two_process_runs: list[dict[str, Any]]) -> list[dict[str, Run]]:
+    return [runs["ddp"] for runs in two_process_runs]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(two_process_runs: list[dict[str, Any]]) -> list[dict[str, Run]]:
+    return [runs["fsdp"] for runs in two_process_runs]
+
+
+@functools.cache
+def _one_process(name: str, source: GramianSource, dtype: torch.dtype) -> Run:
+    """The reference of both layouts: one process on the whole batches (computed once)."""
+
+    return train(name, source, dtype=dtype)
+
+
+_FOUND = ("GoldenPendulum", "GCond")
+
+
+@pytest.mark.parametrize("name", _FOUND)
+def test_ddp_with_the_shared_parameters_found_is_one_process(
+    name: str, two_process_runs: list[dict[str, Any]]
+) -> None:
+    first, second = (runs[f"found {name}"] for runs in two_process_runs)
+    alone = _one_process(name, "parameters", torch.float64)
+    for mine, other in zip(first.parameters, second.parameters, strict=True):
+        assert torch.equal(mine, other)
+    for mine, expected in zip(first.weights, alone.weights, strict=True):
+        assert (mine is None) == (expected is None)
+        if mine is not None:
+            assert relative_error(mine, expected) <= _tolerance(torch.float64)  # type: ignore[arg-type]
+    for mine, expected in zip(first.gradients, alone.gradients, strict=True):
+        assert relative_error(mine, expected) <= _tolerance(torch.float64)
+
+
+def test_fsdp2_needs_the_shared_parameters_named(two_process_runs: list[dict[str, Any]]) -> None:
+    for runs in two_process_runs:
+        assert "FSDP2 needs the shared parameters named" in runs.get("fsdp refusal", "")
 
 
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
@@ -195,7 +240,7 @@ def test_two_processes_train_like_one_on_the_whole_batch(
     for mine, other in zip(first.parameters, second.parameters, strict=True):
         assert torch.equal(mine, other)
 
-    alone = train(name, source, dtype=dtype)
+    alone = _one_process(name, source, dtype)
     tolerance = _tolerance(dtype)
     for mine, expected in zip(first.weights, alone.weights, strict=True):
         assert (mine is None) == (expected is None)

@@ -67,9 +67,9 @@ def test_micro_batches_add_up_and_resolve_once() -> None:
         torch.manual_seed(seed)
         inputs, targets = torch.randn(8, 4), torch.randn(8, 3)
         losses = ((model(inputs) - targets) ** 2).mean(dim=0)
-        step.backward(step.take({"a": losses[0], "b": losses[1], "c": losses[2]}) / 2)
+        step.backward(step.take({"a": losses[0], "b": losses[1], "c": losses[2]}) / 2, model)
         total.append(((reference_model(inputs) - targets) ** 2).mean(dim=0) / 2)
-    weights = step.resolve(model.parameters())
+    weights = step.resolve()
     backward(total[0] + total[1])
     expected = jac_to_grad(reference_model.parameters(), reference)
 
@@ -86,8 +86,8 @@ def test_micro_batches_add_up_and_resolve_once() -> None:
 def test_golden_pendulum_adds_alpha_to_the_scalars() -> None:
     step = JacobianStep("golden_pendulum")
     model, losses = _losses()
-    step.backward(step.take(losses))
-    step.resolve(model.parameters())
+    step.backward(step.take(losses), model)
+    step.resolve()
     scalars = step.weight_scalars()
     alpha = step.aggregator.alpha  # type: ignore[union-attr]
     assert [float(scalars[f"alpha/task_{k}"]) for k in range(3)] == alpha.tolist()
@@ -97,17 +97,17 @@ def test_golden_pendulum_adds_alpha_to_the_scalars() -> None:
 def test_the_tasks_must_not_change_within_a_step() -> None:
     step = JacobianStep("mean")
     model, losses = _losses()
-    step.backward(step.take({"a": losses[0], "b": losses[1]}))
+    step.backward(step.take({"a": losses[0], "b": losses[1]}), model)
     with pytest.raises(ValueError, match=r"from \['a', 'b'\] to \['a', 'c'\]"):
         step.take({"a": losses[0], "c": losses[2]})
-    step.resolve(model.parameters())
+    step.resolve()
     step.take({"a": losses[0], "c": losses[2]})  # a new step may have other tasks
 
 
 def test_a_step_without_backward_resolves_nothing() -> None:
     model, _ = _losses()
     step = JacobianStep("upgrad")
-    assert step.resolve(model.parameters()) is None
+    assert step.resolve() is None
     assert not step.aggregated
     assert all(p.grad is None for p in model.parameters())
 
@@ -119,10 +119,10 @@ def test_the_adaptive_golden_pendulum_gets_the_losses() -> None:
         lambda module, _args: seen.append(module.losses)
     )
     model, losses = _losses()
-    step.backward(step.take(losses / 2))
+    step.backward(step.take(losses / 2), model)
     _, more = _losses(1)
-    step.backward(step.take(more / 2))
-    step.resolve(model.parameters())
+    step.backward(step.take(more / 2), model)
+    step.resolve()
     torch.testing.assert_close(seen[0], (losses + more).detach() / 2)
 
 
@@ -130,9 +130,9 @@ def test_the_default_diagnostics_are_the_engine_fed_by_the_step() -> None:
     step = JacobianStep(UPGrad(), diagnostics=True)
     assert isinstance(step.recorder, ConflictMonitor)
     model, losses = _losses()
-    step.backward(step.take(losses))
+    step.backward(step.take(losses), model)
     jacobian = torch.cat([p.jac.flatten(1) for p in model.parameters()], dim=1)  # type: ignore[attr-defined]
-    step.resolve(model.parameters())
+    step.resolve()
 
     expected = gramian_diagnostics(jacobian.double() @ jacobian.double().T)
     scalars = step.recorder.scalars()
@@ -150,8 +150,10 @@ def test_a_monitor_of_ones_own_is_fed_as_the_default_engine() -> None:
     assert step.recorder is monitor
     for current in (step, default):
         model, losses = _losses()
-        current.backward(current.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}))
-        current.resolve(model.parameters())
+        current.backward(
+            current.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}), model
+        )
+        current.resolve()
     assert isinstance(default.recorder, ConflictMonitor)
     for engine in (monitor, default.recorder):
         assert engine.step_count == 1
@@ -179,9 +181,9 @@ def test_an_aggregator_without_weights_records_its_gramian_alone() -> None:
     monitor = ConflictMonitor()
     step = JacobianStep({"name": "trimmed_mean", "trim_number": 1}, diagnostics=monitor)
     model, losses = _losses()
-    step.backward(step.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}))
+    step.backward(step.take({"seg": losses[0], "depth": losses[1], "edge": losses[2]}), model)
     jacobian = torch.cat([p.jac.reshape(3, -1) for p in model.parameters()], dim=1)  # type: ignore[attr-defined]
-    step.resolve(model.parameters())
+    step.resolve()
     report = monitor.report()
     assert list(report.gradient_norms) == ["seg", "depth", "edge"]
     expected = jacobian.double().norm(dim=1)
@@ -190,11 +192,17 @@ def test_an_aggregator_without_weights_records_its_gramian_alone() -> None:
 
 
 def test_the_scaled_aggregator_is_built_once_per_scaler() -> None:
+    model, losses = _losses()
     step = JacobianStep(GoldenPendulum())
+    step.backward(step.take(losses), model)
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    assert step._aggregator_for(None) is step.aggregator
-    assert step._aggregator_for(scaler) is step._aggregator_for(scaler)
-    assert step._aggregator_for(torch.amp.GradScaler("cpu", enabled=False)) is step.aggregator
+    step.resolve(scaler)
+    engine = step.engine
+    assert engine is not None
+    assert engine._aggregator_in_use() is engine._aggregator_in_use()
+    assert engine._aggregator_in_use() is not step.aggregator
+    engine.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert engine._aggregator_in_use() is step.aggregator
 
 
 def test_the_package_does_not_import_the_trainers() -> None:

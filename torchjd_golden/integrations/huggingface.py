@@ -30,12 +30,14 @@ class MultiTaskTrainer(Trainer):
     ``task_0``, ``task_1``, ...), :class:`TaskLosses` with the shared features, or a mapping (such
     as a ``ModelOutput``) with a ``losses`` entry and maybe a ``features`` entry.
 
-    - Each micro-batch runs torchjd's ``backward`` (or ``mtl_backward`` given features) on the
-      losses divided by the number of micro-batches, which adds to the ``.jac`` fields, so that
-      with ``gradient_accumulation_steps=k`` they hold the mean Jacobian of the step.
-    - After the last micro-batch of a step, ``jac_to_grad`` aggregates them once with the
-      aggregator (told the task names, and the losses for the adaptive Golden Pendulum); the
-      Trainer then clips (``max_grad_norm``) and steps as usual.
+    - The step is the engine's (:class:`~torchjd_golden.JacobianDescent`, exact, with the shared
+      parameters found from the features as torchjd's ``mtl_backward`` finds them, or every
+      parameter without features): each micro-batch adds the Jacobian of its losses, divided by
+      the number of micro-batches, to the step's, so that with ``gradient_accumulation_steps=k``
+      the step holds the mean Jacobian of the :math:`k` micro-batches.
+    - After the last micro-batch of a step, the aggregator combines it once (told the task names,
+      and the losses for the adaptive Golden Pendulum); the Trainer then clips
+      (``max_grad_norm``) and steps as usual.
     - With ``fp16=True`` the losses are scaled by the accelerator's ``GradScaler`` and the
       aggregator sees the Jacobian without the scale, as
       :func:`~torchjd_golden.with_grad_scaler` does; ``bf16=True`` needs nothing.
@@ -96,7 +98,7 @@ class MultiTaskTrainer(Trainer):
         inputs: dict[str, Any],
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor:
-        """Adds the micro-batch's Jacobian to ``.jac``; after the last one, aggregates it."""
+        """Adds the micro-batch's Jacobian to the step's; after the last one, aggregates it."""
 
         model.train()
         if callable(getattr(self.optimizer, "train", None)):
@@ -109,9 +111,9 @@ class MultiTaskTrainer(Trainer):
         )
         losses = self.jacobian_step.take(outputs) / micro_batches
         scaler = getattr(self.accelerator, "scaler", None)
-        self.jacobian_step.backward(losses if scaler is None else scaler.scale(losses))
+        self.jacobian_step.backward(losses if scaler is None else scaler.scale(losses), model)
         if self.accelerator.sync_gradients:
-            self._resolve(model, scaler)
+            self._resolve(scaler)
         return losses.detach().sum()
 
     def compute_loss(
@@ -127,8 +129,8 @@ class MultiTaskTrainer(Trainer):
         loss = split_task_losses(outputs)[1].sum()
         return (loss, outputs) if return_outputs else loss
 
-    def _resolve(self, model: nn.Module, scaler: torch.amp.GradScaler | None) -> None:
-        self.jacobian_step.resolve(model.parameters(), scaler)
+    def _resolve(self, scaler: torch.amp.GradScaler | None) -> None:
+        self.jacobian_step.resolve(scaler)
         if not self.jacobian_step.aggregated:
             return
         scalars = {f"task_weights/{k}": v for k, v in self.jacobian_step.weight_scalars().items()}

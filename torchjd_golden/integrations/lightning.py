@@ -28,12 +28,13 @@ class MultiTaskModule(LightningModule):
     are then ``task_0``, ``task_1``, ...), or :class:`TaskLosses` with the shared features, and
     Lightning's automatic optimisation does the rest:
 
-    - each micro-batch runs torchjd's ``backward`` (or ``mtl_backward`` given features), which
-      adds to the ``.jac`` fields; with ``accumulate_grad_batches=k`` Lightning divides the
-      losses by :math:`k`, so the fields hold the mean Jacobian of the :math:`k` micro-batches;
-    - once per optimizer step, before Lightning's gradient clipping and the step, ``jac_to_grad``
-      aggregates them with the aggregator, which is told the task names (and, for the adaptive
-      Golden Pendulum, the losses);
+    - the step is the engine's (:class:`~torchjd_golden.JacobianDescent`, exact, with the shared
+      parameters found from the features as torchjd's ``mtl_backward`` finds them, or every
+      parameter without features): each micro-batch adds its Jacobian to the step's; with
+      ``accumulate_grad_batches=k`` Lightning divides the losses by :math:`k`, so the step holds
+      the mean Jacobian of the :math:`k` micro-batches;
+    - once per optimizer step, before Lightning's gradient clipping and the step, the aggregator
+      combines it, told the task names (and, for the adaptive Golden Pendulum, the losses);
     - under ``precision="16-mixed"`` the aggregator sees the Jacobian without the loss scale and
       hands back the scaled result, as :func:`~torchjd_golden.with_grad_scaler` does, so the
       scaler's unscaling, overflow check and skipped steps work as usual; ``"bf16-mixed"`` needs
@@ -103,9 +104,9 @@ class MultiTaskModule(LightningModule):
         return self._jacobian_step.recorder
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        """Adds the Jacobian of the (scaled) per-task losses to the ``.jac`` fields."""
+        """Adds the Jacobian of the (scaled) per-task losses to the step's."""
 
-        self._jacobian_step.backward(loss)
+        self._jacobian_step.backward(loss, self)
 
     def optimizer_step(
         self,
@@ -125,7 +126,7 @@ class MultiTaskModule(LightningModule):
 
     def _resolve(self) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        self._jacobian_step.resolve(self.parameters(), scaler)
+        self._jacobian_step.resolve(scaler)
         if not self._jacobian_step.aggregated:
             return
         if self.log_weights:  # none for an aggregator without weights (GCond)

@@ -7,6 +7,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from ._jacobian import add_to_row
+from ._parameters import graph_leaves
+
 
 def backward_task(
     loss: Tensor,
@@ -59,35 +62,14 @@ def backward_task(
     gradients = torch.autograd.grad(
         loss.reshape(()), targets, retain_graph=retain_graph, allow_unused=True
     )
-    for tensor, maybe_gradient in zip(targets, gradients, strict=True):
-        gradient = torch.zeros_like(tensor) if maybe_gradient is None else maybe_gradient
-        jacobian = getattr(tensor, "jac", None)
-        if jacobian is None:
-            jacobian = gradient.new_zeros((n_tasks, *tensor.shape))
-            tensor.__setattr__("jac", jacobian)
-        elif jacobian.shape != (n_tasks, *tensor.shape):
-            raise ValueError(
-                f"The .jac field of a tensor has shape {tuple(jacobian.shape)}, which does not "
-                f"have {n_tasks} rows of shape {tuple(tensor.shape)}."
-            )
-        jacobian[task].add_(gradient, alpha=scale)
+    for tensor, gradient in zip(targets, gradients, strict=True):
+        add_to_row(tensor, task, n_tasks, gradient, alpha=scale)
 
 
 def _leaf_tensors(loss: Tensor) -> list[Tensor]:
     """The leaf tensors requiring grad that ``loss`` depends on, in order of discovery."""
 
-    leaves: dict[int, Tensor] = {}
-    seen: set[object] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves.setdefault(id(variable), variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    leaves = list(graph_leaves([loss]).values())
     if not leaves:
         raise ValueError("Parameter `loss` does not depend on any tensor that requires grad.")
-    return list(leaves.values())
+    return leaves

@@ -39,22 +39,29 @@ class RankGroup:
         dist.all_reduce(tensor, op=_OPS[op], group=self.group)
         return tensor
 
+    def average(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean over the ranks of each of ``tensors`` (new tensors, in order): one all-reduce
+        of them all flattened per dtype."""
+
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            by_dtype.setdefault(tensor.dtype, []).append(index)
+        means: list[Tensor] = list(tensors)
+        for indices in by_dtype.values():
+            flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+            self.all_reduce(flat).div_(self.size)
+            pieces = torch.split(flat, [tensors[i].numel() for i in indices])
+            for index, piece in zip(indices, pieces, strict=True):
+                means[index] = piece.view_as(tensors[index])
+        return means
+
     def average_gradients(self, parameters: list[Tensor]) -> None:
         """Replaces the ``.grad`` of ``parameters`` (zeros where there is none) by their mean over
-        the ranks, as DDP would, in one all-reduce."""
+        the ranks, as DDP would."""
 
-        if not parameters:
-            return
-        flat = torch.cat(
-            [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                for p in parameters
-            ]
-        )
-        self.all_reduce(flat).div_(self.size)
-        pieces = torch.split(flat, [p.numel() for p in parameters])
-        for parameter, piece in zip(parameters, pieces, strict=True):
-            parameter.grad = piece.view_as(parameter)
+        gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        for parameter, mean in zip(parameters, self.average(gradients), strict=True):
+            parameter.grad = mean
 
     def all_reduce_rows(self, tensor: Tensor, op: ReduceOp) -> Tensor:
         """

@@ -1,23 +1,27 @@
 r"""
-Consistent aggregation across the ranks of ``torch.distributed``.
+Consistent aggregation across the ranks of ``torch.distributed``, for a loop of torchjd's own
+functions (``backward``/``mtl_backward``, then ``jac_to_grad``): the step engine's collectives
+(:mod:`._collectives`) and its aggregation of a Jacobian spread over the ranks by columns
+(:mod:`._sharded`), as two functions.
 
 torchjd differentiates with ``torch.autograd.grad`` and ``jac_to_grad`` writes ``.grad``
 itself, so DDP's gradient all-reduce never runs: every rank would aggregate its own Jacobian,
 and weights, state and parameters would drift apart. The helpers here make all ranks aggregate
 the Jacobian of the whole batch (the mean of the ranks' Jacobians), so every rank computes the
-same update and keeps the same aggregator state.
+same update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchjd.aggregation import GramianWeightedAggregator
+from torchjd.aggregation import Aggregator
 
-from ..aggregation._gramian import combine_rows, compute_gramian
+from ._collectives import ColumnBlocks, RankGroup
+from ._jacobian import flat_jacobian, write_gradients
+from ._sharded import aggregate_block, column_split
 
 
 def sync_jacobians(tensors: Iterable[Tensor], *, group: dist.ProcessGroup | None = None) -> None:
@@ -31,56 +35,46 @@ def sync_jacobians(tensors: Iterable[Tensor], *, group: dist.ProcessGroup | None
     that DDP all-reduces for a gradient (a rank sends :math:`2\frac{R-1}{R} mn` values with a
     ring all-reduce), plus the task heads' gradients. The fields of all
     tensors are flattened into one buffer per dtype, so there are only a few collective calls.
-    For a Gramian-weighted aggregator, :func:`sharded_jac_to_grad` is exact and moves about half
-    as much.
+    For an aggregator that splits over columns, :func:`sharded_jac_to_grad` is exact and moves
+    about half as much.
 
     :param tensors: The tensors whose ``.jac`` (and ``.grad``, where set) fields to average, e.g.
         ``model.parameters()``. Every rank must pass the same tensors in the same order.
     :param group: The process group (the default group when ``None``).
     """
 
-    fields = []
-    for tensor in tensors:
-        for name in ("jac", "grad"):
-            value = getattr(tensor, name, None)
-            if isinstance(value, Tensor):
-                fields.append(value)
-    _all_reduce_mean(fields, group)
-
-
-def _all_reduce_mean(fields: list[Tensor], group: dist.ProcessGroup | None) -> None:
-    world_size = dist.get_world_size(group)
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for field in fields:
-        by_dtype.setdefault(field.dtype, []).append(field)
-    for same_dtype in by_dtype.values():
-        flat = torch.cat([field.reshape(-1) for field in same_dtype])
-        dist.all_reduce(flat, group=group)
-        flat /= world_size
-        for field, chunk in zip(
-            same_dtype, torch.split(flat, [f.numel() for f in same_dtype]), strict=True
-        ):
-            field.copy_(chunk.view_as(field))
+    fields = [
+        value
+        for tensor in tensors
+        for value in (getattr(tensor, "jac", None), tensor.grad)
+        if isinstance(value, Tensor)
+    ]
+    for field, mean in zip(fields, RankGroup(group).average(fields), strict=True):
+        field.copy_(mean)
 
 
 def sharded_jac_to_grad(
     tensors: Iterable[Tensor],
     /,
-    aggregator: GramianWeightedAggregator,
+    aggregator: Aggregator,
     *,
     retain_jac: bool = False,
     group: dist.ProcessGroup | None = None,
-) -> Tensor:
+) -> Tensor | None:
     r"""
-    ``jac_to_grad`` for a Gramian-weighted aggregator under ``torch.distributed``, exact and
-    cheaper than :func:`sync_jacobians`: the update is that of the mean Jacobian
-    :math:`\bar J = \frac1R \sum_r J_r` of the :math:`R` ranks.
+    ``jac_to_grad`` under ``torch.distributed``, exact and cheaper than :func:`sync_jacobians`,
+    for an aggregator that splits over the columns of the Jacobian: the update is that of the
+    mean Jacobian :math:`\bar J = \frac1R \sum_r J_r` of the :math:`R` ranks.
 
     1. a reduce-scatter gives each rank a block of columns of :math:`\bar J`;
-    2. each rank computes the Gramian of its block; an all-reduce of these :math:`m \times m`
-       matrices gives :math:`\bar G = \bar J \bar J^\top`, the same on every rank;
-    3. every rank applies the weighting to :math:`\bar G` (same input, same state: same
-       weights), multiplies its block, and an all-gather assembles :math:`w^\top \bar J`.
+    2. a Gramian-weighted aggregator: each rank computes the Gramian of its block; an all-reduce
+       of these :math:`m \times m` matrices gives :math:`\bar G = \bar J \bar J^\top`, the same
+       on every rank, and every rank applies the weighting to it (same input, same state: same
+       weights) and multiplies its block. ExcessMTL and GCond run on the block, each statistic
+       of the rows they need all-reduced over the blocks; their per-column state (ExcessMTL's
+       squared-gradient sums, GCond's previous rows and momentum) is then this rank's block only,
+       and a checkpoint of it is per rank;
+    3. an all-gather assembles the update.
 
     With ring collectives, a rank sends :math:`\frac{R-1}{R}(mn + n)` values (a reduce-scatter
     of the Jacobian, an all-gather of the update) instead of the :math:`2\frac{R-1}{R} mn` of
@@ -88,56 +82,35 @@ def sharded_jac_to_grad(
     for one gradient. Each rank also computes only :math:`1/R` of the Gramian. As with
     ``jac_to_grad``, the ``.jac`` fields are freed (unless ``retain_jac``) and ``.grad``
     receives the update; the task heads' ``.grad`` still need :func:`sync_jacobians` to be
-    averaged. Hooks registered on ``aggregator.gramian_weighting`` run; hooks on the aggregator
-    itself do not, since it never sees the whole Jacobian. Returns the weights.
+    averaged. The aggregator's extra inputs (``tasks``, ``losses``) are those the caller gave it.
+    Hooks registered on ``aggregator.gramian_weighting`` run (on the whole :math:`\bar G`); hooks
+    on a Gramian-weighted aggregator itself do not, since it never sees the whole Jacobian.
+    Returns the weights (``None`` for an aggregator without, such as GCond).
 
     :param tensors: The tensors whose ``.jac`` to aggregate, the same on every rank.
-    :param aggregator: A :class:`~torchjd.aggregation.GramianWeightedAggregator`.
+    :param aggregator: A :class:`~torchjd.aggregation.GramianWeightedAggregator` (ours, torchjd's),
+        or this package's :class:`~torchjd_golden.ExcessMTL` or :class:`~torchjd_golden.GCond`.
     :param retain_jac: Whether to keep the ``.jac`` fields.
     :param group: The process group (the default group when ``None``).
     """
 
-    if not isinstance(aggregator, GramianWeightedAggregator):
+    if column_split(aggregator) == "whole":
         raise ValueError(
-            "`sharded_jac_to_grad` needs a GramianWeightedAggregator (its weights depend on the "
-            f"Gramian only). Found {aggregator!r}; use `sync_jacobians` then `jac_to_grad`."
+            "`sharded_jac_to_grad` needs an aggregator that splits over the Jacobian's columns: a "
+            "GramianWeightedAggregator (its weights depend on the Gramian only), or this "
+            f"package's ExcessMTL or GCond. Found {aggregator!r}; use `sync_jacobians` then "
+            "`jac_to_grad`."
         )
     targets = list(tensors)
     if not targets or any(getattr(t, "jac", None) is None for t in targets):
         raise ValueError(
             "Every tensor needs a populated `.jac` field: call `backward` or `mtl_backward` first."
         )
-    jacobians = [t.jac.reshape(t.jac.shape[0], -1) for t in targets]  # type: ignore[attr-defined]
-    if not retain_jac:
-        for t in targets:
-            del t.jac  # type: ignore[attr-defined]
-    matrix = torch.cat(jacobians, dim=1)
-    del jacobians
-    world_size = dist.get_world_size(group)
-    m, n = matrix.shape
-    width = -(-n // world_size)  # ceil: the last block is padded with zeros
-    blocks = matrix.new_zeros(world_size, m, width)
-    for rank, start in enumerate(range(0, n, width)):
-        columns = matrix[:, start : start + width]
-        blocks[rank, :, : columns.shape[1]] = columns
-    del matrix
-    block = blocks.new_empty(m, width)
-    dist.reduce_scatter(block, list(blocks.unbind(0)), group=group)
-    del blocks
-    block /= world_size
-
-    gramian = compute_gramian(block)
-    dist.all_reduce(gramian, group=group)
-    weights = aggregator.gramian_weighting(gramian)
-
-    update_block = combine_rows(weights, block).contiguous()
-    gathered = [torch.empty_like(update_block) for _ in range(world_size)]
-    dist.all_gather(gathered, update_block, group=group)
-    update = torch.cat(gathered)[:n]
-
-    for tensor, chunk in zip(
-        targets, torch.split(update, [t.numel() for t in targets]), strict=True
-    ):
-        gradient = chunk.view_as(tensor).to(tensor.dtype)
-        tensor.grad = gradient if tensor.grad is None else tensor.grad + gradient
+    jacobian = flat_jacobian(targets, discard=not retain_jac)
+    ranks = RankGroup(group)
+    blocks = ColumnBlocks(ranks, jacobian.shape[1])
+    block = blocks.reduce_scatter_mean(jacobian)
+    del jacobian
+    update_block, weights = aggregate_block(aggregator, block, ranks, inputs_of=None)
+    write_gradients(targets, blocks.all_gather(update_block))
     return weights

@@ -4,7 +4,7 @@ r"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +29,7 @@ from ._jacobian import (
     write_gradients,
 )
 from ._losses import TaskLossesInput, detached_vector, shared_features, task_losses
-from ._parameters import StepParameters
+from ._parameters import SharedParameters, StepParameters
 from ._sharded import aggregate_block, call_capturing_weights, column_split, gramian_weighting_of
 
 GramianSource = Literal["parameters", "features"]
@@ -90,8 +90,9 @@ class JacobianDescent:
 
     :param module: The model: a module, a ``DistributedDataParallel`` module or an FSDP2 module.
     :param aggregator: Any torchjd aggregator, ours included.
-    :param shared: The shared parameters: a module, an iterable of parameters, or ``None`` (every
-        parameter of ``module``).
+    :param shared: The shared parameters: a module, an iterable of parameters, ``None`` (every
+        parameter of ``module``), or ``"features"`` (found at each step as ``mtl_backward`` finds
+        them, unreached parameters getting no gradient: what the trainer integrations use).
     :param gramian_from: ``"parameters"`` or ``"features"``.
     :param scaler: The ``GradScaler`` that scales the losses, or ``None``.
     :param per_task: Whether the exact Jacobian is computed by one backward pass per task
@@ -106,7 +107,7 @@ class JacobianDescent:
         module: nn.Module,
         aggregator: Aggregator,
         *,
-        shared: nn.Module | Iterable[Tensor] | None = None,
+        shared: SharedParameters = None,
         gramian_from: GramianSource = "parameters",
         scaler: GradScaler | None = None,
         per_task: bool | None = None,
@@ -146,6 +147,10 @@ class JacobianDescent:
                 # sees: it must not expect a backward pass after each forward.
                 module.require_backward_grad_sync = False
         elif is_fully_sharded(module):
+            if self._parameters.found:  # its graph holds FSDP2's unsharded parameters, not these
+                raise ValueError(
+                    "FSDP2 needs the shared parameters named, not `shared='features'`."
+                )
             self._layout = "fsdp"
             self._fsdp = FullyShardedRows(module, self._parameters.all)
             self._ranks = self._fsdp.ranks
@@ -228,8 +233,8 @@ class JacobianDescent:
     # -- the exact step on one process and under DDP: torchjd's .jac fields ----------------------
 
     def _accumulate_jacobians(self, losses: list[Tensor], features: list[Tensor] | None) -> None:
-        shared, others = self._parameters.split()
-        if self._parameters.shared is None:  # every parameter is shared, those after the features
+        shared, others = self._parameters.split(losses, features)
+        if self._parameters.everything_shared:  # every parameter, those after the features too
             features = None
         if self.per_task is None and not self._batched_proven:
             self._probe_batched(losses, shared, others, features)
@@ -342,7 +347,7 @@ class JacobianDescent:
         weighting = gramian_weighting_of(self._aggregator_in_use())
         assert weighting is not None
         weights = weighting(gramian)
-        everything_shared = self._parameters.shared is None
+        everything_shared = self._parameters.everything_shared
         weighted_backward(
             losses, weights, None if everything_shared else features, None if everything_shared
             else rows,

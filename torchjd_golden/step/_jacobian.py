@@ -59,12 +59,7 @@ def _per_task(
             loss, inputs, retain_graph=retain or task < m - 1, allow_unused=True
         )
         for tensor, gradient in zip(shared, gradients[: len(shared)], strict=True):
-            jacobian = getattr(tensor, "jac", None)
-            if jacobian is None:
-                jacobian = tensor.new_zeros((m, *tensor.shape))
-                tensor.__setattr__("jac", jacobian)
-            if gradient is not None:
-                jacobian[task].add_(gradient)
+            add_to_row(tensor, task, m, gradient)
         for tensor, gradient in zip(others, gradients[len(shared) :], strict=True):
             # Zeros where a loss does not reach the parameter, as mtl_backward gives.
             add_gradient(tensor, torch.zeros_like(tensor) if gradient is None else gradient)
@@ -94,6 +89,27 @@ def share_graph_above(losses: Sequence[Tensor], features: Sequence[Tensor]) -> b
     return False
 
 
+def add_to_row(
+    tensor: Tensor, task: int, m: int, gradient: Tensor | None, *, alpha: float = 1.0
+) -> None:
+    """
+    Adds ``alpha`` times ``gradient`` (``None``: zeros) to row ``task`` of the :math:`m`-row
+    ``.jac`` field of ``tensor``, made of zeros where there is none.
+    """
+
+    jacobian = getattr(tensor, "jac", None)
+    if jacobian is None:
+        jacobian = tensor.new_zeros((m, *tensor.shape))
+        tensor.__setattr__("jac", jacobian)
+    elif jacobian.shape != (m, *tensor.shape):
+        raise ValueError(
+            f"The .jac field of a tensor has shape {tuple(jacobian.shape)}, which does not "
+            f"have {m} rows of shape {tuple(tensor.shape)}."
+        )
+    if gradient is not None:
+        jacobian[task].add_(gradient, alpha=alpha)
+
+
 def add_gradient(tensor: Tensor, gradient: Tensor) -> None:
     """Adds ``gradient`` to ``tensor.grad`` (sets it when there is none)."""
 
@@ -108,11 +124,13 @@ def discard_jacobians(tensors: Sequence[Tensor]) -> None:
             del tensor.jac
 
 
-def flat_jacobian(tensors: Sequence[Tensor]) -> Tensor:
-    """The ``.jac`` fields of ``tensors`` as one ``[m, n]`` matrix (the fields are deleted)."""
+def flat_jacobian(tensors: Sequence[Tensor], *, discard: bool = True) -> Tensor:
+    """The ``.jac`` fields of ``tensors`` as one ``[m, n]`` matrix (the fields deleted unless not
+    ``discard``)."""
 
     matrices = [tensor.jac.reshape(tensor.jac.shape[0], -1) for tensor in tensors]  # type: ignore[attr-defined]
-    discard_jacobians(tensors)
+    if discard:
+        discard_jacobians(tensors)
     return torch.cat(matrices, dim=1)
 
 

@@ -65,9 +65,9 @@ def aggregate_block(
     block: Tensor,
     ranks: RankGroup,
     *,
-    inputs_of: Aggregator,
-    tasks: tuple[Hashable, ...] | None,
-    losses: Tensor | None,
+    inputs_of: Aggregator | None,
+    tasks: tuple[Hashable, ...] | None = None,
+    losses: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     r"""
     This rank's columns of the aggregation of the whole Jacobian, and the weights (``None`` for an
@@ -75,7 +75,7 @@ def aggregate_block(
 
     ``losses`` (this rank's, one per task) are averaged over the ranks and given, with ``tasks``,
     to ``inputs_of`` (the user's aggregator, which ``aggregator`` may wrap) for the methods that
-    read them.
+    read them; with ``inputs_of=None`` the caller has given the aggregator its inputs itself.
     """
 
     split = column_split(aggregator)
@@ -91,7 +91,7 @@ def aggregate_block(
         ranks.all_reduce(statistics)
         gramian = statistics[: m * m].view(m, m)
         mean_losses = statistics[m * m :] / ranks.size if reads_losses else None
-        set_step_inputs(inputs_of, tasks, mean_losses)
+        _give_step_inputs(inputs_of, tasks, mean_losses)
         weighting = gramian_weighting_of(aggregator)
         assert weighting is not None
         gramian_weights = weighting(gramian)
@@ -101,13 +101,20 @@ def aggregate_block(
     if reads_losses:
         assert losses is not None
         mean_losses = ranks.all_reduce(losses.clone()) / ranks.size
-    set_step_inputs(inputs_of, tasks, mean_losses)
+    _give_step_inputs(inputs_of, tasks, mean_losses)
     if split == "blocks":
         with column_blocks(ranks.all_reduce_rows):
             return call_capturing_weights(aggregator, block)
     whole, offset = ranks.all_gather_columns(block)
     update, weights = call_capturing_weights(aggregator, whole)
     return update[offset : offset + block.shape[1]], weights
+
+
+def _give_step_inputs(
+    inputs_of: Aggregator | None, tasks: tuple[Hashable, ...] | None, losses: Tensor | None
+) -> None:
+    if inputs_of is not None:
+        set_step_inputs(inputs_of, tasks, losses)
 
 
 def call_capturing_weights(aggregator: Aggregator, matrix: Tensor) -> tuple[Tensor, Tensor | None]:

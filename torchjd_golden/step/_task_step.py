@@ -1,6 +1,7 @@
 """
-What the trainer integrations share: per-task losses in, torchjd's backward at each micro-batch,
-one aggregation per optimizer step.
+What the trainer integrations share: per-task losses in, the step engine
+(:class:`~torchjd_golden.JacobianDescent`) accumulating each micro-batch, one aggregation per
+optimizer step.
 
 A trainer calls :meth:`JacobianStep.take` on what its model returned (the losses by task name, a
 vector, or :class:`TaskLosses` with the shared features), then :meth:`JacobianStep.backward`
@@ -11,22 +12,21 @@ here imports a trainer.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.amp import GradScaler
 from torchjd.aggregation import Aggregator
-from torchjd.autojac import backward, jac_to_grad, mtl_backward
 
-from ..aggregation._tasks import default_task_names, set_step_inputs
+from ..aggregation._tasks import default_task_names
 from ..config import aggregator_from_config
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
 from ..monitoring._weighting_calls import weight_scalars
-from ._amp import with_grad_scaler
+from ._engine import JacobianDescent
 
 
 @dataclass(frozen=True)
@@ -34,10 +34,10 @@ class TaskLosses:
     """
     The per-task losses of a training step, with the shared features when the model has them.
 
-    With ``features`` (the last representation that every task uses), the step runs torchjd's
-    ``mtl_backward``: the task-specific heads get their own gradients and only the parameters
-    before ``features`` get a Jacobian to aggregate. Without, it runs ``backward`` and every
-    parameter the losses depend on gets a Jacobian.
+    With ``features`` (the last representation that every task uses), the step is that of
+    torchjd's ``mtl_backward``: the task-specific heads get their own gradients and only the
+    parameters before ``features`` get a Jacobian to aggregate. Without, that of ``backward``:
+    every parameter the losses depend on gets a Jacobian.
 
     :param losses: The scalar losses, as a mapping from task name to loss, a sequence, or a
         vector (the tasks are then named ``task_0``, ``task_1``, ...).
@@ -112,10 +112,11 @@ def attach_diagnostics(
 
 class JacobianStep:
     """
-    Jacobian descent inside a trainer: backward passes that add to torchjd's ``.jac`` fields,
-    one aggregation per optimizer step (so an aggregator that accumulates, then resolves, such
-    as GCond, sees the whole step), the task names given to the aggregator, and the loss scale
-    of a ``GradScaler`` taken out as :func:`~torchjd_golden.with_grad_scaler` does.
+    Jacobian descent inside a trainer, on the step engine
+    (:class:`~torchjd_golden.JacobianDescent` with ``shared="features"``): each micro-batch is
+    accumulated, one aggregation per optimizer step (so an aggregator that accumulates, then
+    resolves, such as GCond, sees the whole step), the task names given to the aggregator, and the
+    loss scale of a ``GradScaler`` taken out as :func:`~torchjd_golden.with_grad_scaler` does.
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
@@ -131,9 +132,9 @@ class JacobianStep:
         self.tasks: tuple[Hashable, ...] | None = None
         self.last_weights: Tensor | None = None
         self.aggregated = False  # whether the last resolve aggregated (had a backward pass)
+        self.engine: JacobianDescent | None = None  # made for the module at its first backward
         self._features: Any = None
-        self._loss_sum: Tensor | None = None
-        self._scaled: tuple[GradScaler, Aggregator] | None = None
+        self._pending = False  # whether a micro-batch waits for the step's resolve
         self.recorder = attach_diagnostics(self.aggregator, diagnostics, task_source=self)
 
     def take(self, output: object) -> Tensor:
@@ -146,7 +147,7 @@ class JacobianStep:
         """
 
         names, losses, features = split_task_losses(output)
-        if self._loss_sum is not None and names != self.tasks:
+        if self._pending and names != self.tasks:
             raise ValueError(
                 f"The tasks changed within one optimizer step, from {list(self.tasks or ())} to "
                 f"{list(names)}: the micro-batches of a step must give the same tasks."
@@ -154,42 +155,37 @@ class JacobianStep:
         self.tasks, self._features = names, features
         return losses
 
-    def backward(self, losses: Tensor) -> None:
+    def backward(self, losses: Tensor, module: nn.Module) -> None:
         """
-        Adds the Jacobian of ``losses`` (the vector :meth:`take` returned, maybe divided by the
-        number of micro-batches and multiplied by a loss scale) to the ``.jac`` fields.
+        Accumulates the micro-batch of ``losses`` (the vector :meth:`take` returned, maybe divided
+        by the number of micro-batches and multiplied by a loss scale) into the step of
+        ``module``, the model being trained.
         """
 
         features, self._features = self._features, None
+        if self.engine is None or self.engine.module is not module:
+            self.engine = JacobianDescent(module, self.aggregator, shared="features")
         vector = losses.reshape(-1)
-        if features is None:
-            backward(vector)
-        else:
-            # The tasks' losses share the graph of the stacked (and scaled) vector, which
-            # mtl_backward differentiates once per task: it must outlive the first pass. It is
-            # freed with the vector, at the end of the step.
-            mtl_backward(list(vector.unbind()), features=features, retain_graph=True)
-        detached = vector.detach()
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        named = (
+            vector if self.tasks is None else dict(zip(self.tasks, vector.unbind(), strict=True))
+        )
+        self.engine.accumulate(named, features=features)
+        self._pending = True
 
-    def resolve(
-        self, parameters: Iterable[Tensor], scaler: GradScaler | None = None
-    ) -> Tensor | None:
+    def resolve(self, scaler: GradScaler | None = None) -> Tensor | None:
         """
-        Aggregates the ``.jac`` fields of ``parameters`` into their ``.grad`` fields (with the
-        loss scale taken out when ``scaler`` is enabled) and returns the weights, or ``None`` for
-        an aggregator without weights (such as GCond, whose update carries momentum) or a step
-        without a backward pass (then :attr:`aggregated` is false).
+        Aggregates the step's micro-batches into the ``.grad`` fields (with the loss scale taken
+        out when ``scaler`` is enabled) and returns the weights, or ``None`` for an aggregator
+        without weights (such as GCond, whose update carries momentum) or a step without a
+        backward pass (then :attr:`aggregated` is false).
         """
 
-        tensors = [p for p in parameters if getattr(p, "jac", None) is not None]
-        loss_sum, self._loss_sum = self._loss_sum, None
-        self.aggregated = bool(tensors)
-        if not tensors:
+        self.aggregated, self._pending = self._pending, False
+        if not self.aggregated:
             return None
-        # The sum of the scaled losses: the adaptive λ only reads their ratios.
-        set_step_inputs(self.aggregator, self.tasks, loss_sum)
-        self.last_weights = jac_to_grad(tensors, self._aggregator_for(scaler))
+        assert self.engine is not None
+        self.engine.scaler = scaler
+        self.last_weights = self.engine.resolve()
         return self.last_weights
 
     def weight_scalars(self) -> dict[str, Tensor]:
@@ -200,10 +196,3 @@ class JacobianStep:
         alpha = getattr(self.aggregator, "alpha", None)
         alpha = alpha if isinstance(alpha, Tensor) else None
         return weight_scalars(self.last_weights, self.tasks, alpha)
-
-    def _aggregator_for(self, scaler: GradScaler | None) -> Aggregator:
-        if scaler is None or not scaler.is_enabled():
-            return self.aggregator
-        if self._scaled is None or self._scaled[0] is not scaler:
-            self._scaled = (scaler, with_grad_scaler(self.aggregator, scaler))
-        return self._scaled[1]
