@@ -7,7 +7,8 @@ DDP and FSDP2 on 2 gloo processes, each against its own plain step, with the col
 step issues (counted by wrapping ``torch.distributed``'s functions; DDP's bucketed all-reduce runs
 in its C++ reducer and is given from the model's size).
 
-Every ratio is measured in the same run, from medians over interleaved rounds.
+Every ratio is measured in the same run, from medians over interleaved rounds. Exactness against
+one process, every aggregator: ``python -m benchmarks.step_exactness``.
 ``python -m benchmarks --sections engine [--quick]``.
 """
 
