@@ -16,18 +16,26 @@ from typing import NoReturn
 
 import torch
 
-from ._methods import DEFAULT_METHODS, Method, build_method
+from ._methods import DEFAULT_METHODS, NASH_MTL_DEFAULT_MAX_TASKS, Method, build_method
 from ._plots import write_plots
 from ._report import markdown_report, summarize, write_csv
-from ._training import Job, Run, load_workload, run_job
+from ._training import Job, Run, load_workload, run_job, start_worker
 from ._workloads import WORKLOADS
 
 INSTALL_HINT = "pip install 'torchjd-golden[compare]'"
 
 # The modules of the ``compare`` extra, by the name pip knows them under.
 _PLOTS = {"matplotlib": "matplotlib"}
-_DIGITS = {"scikit-learn": "sklearn"}
 _PROGRESS = {"tqdm": "tqdm"}
+_WORKLOAD_MODULES = {
+    "digits": {"scikit-learn": "sklearn"},
+    "multi-digits": {"scikit-learn": "sklearn"},
+    "mnist1d": {"mnist1d": "mnist1d"},
+    "many-tasks": {"mnist1d": "mnist1d"},
+}
+
+STEPS, QUICK_STEPS = 300, 150
+SEEDS, QUICK_SEEDS = 2, 1
 
 _COMPARE_HELP = """\
 Train one small multi-task model per method, workload and seed, and the single-task baselines,
@@ -42,9 +50,13 @@ listed under the tables.
 Writes results.md, results.csv, runs.csv (one row per seed), a figure per workload and
 summary.png into the output folder, and prints the tables.
 
-Workloads: "synthetic" has four heads whose losses differ by about 300x (the setting of the
-Golden Pendulum paper); "digits" is scikit-learn's bundled 8x8 digits as three tasks (class,
-parity, size), so nothing is downloaded.
+Workloads (nothing is downloaded): "synthetic" has four heads whose losses differ by about 300x
+(the setting of the Golden Pendulum paper); "digits" is scikit-learn's bundled 8x8 digits as
+three tasks (class, parity, size); "multi-digits" overlays two of those digits as MultiMNIST does
+(Sener & Koltun, 2018) and classifies the left and the right one; "mnist1d" is MNIST-1D, made by
+the mnist1d package, as its class and three latent variables of its generator (shift, shear,
+noise level), whose losses start 5x10^5 apart; "many-tasks" is 40 binary attributes of
+MNIST-1D, as CelebA has 40. Each method's mean rank over the tasks is beside its Delta_m%.
 """
 
 
@@ -64,22 +76,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
         help="comma-separated aggregator names, any that aggregator_from_config knows "
-        "(default: %(default)s)",
+        f"(default: {','.join(DEFAULT_METHODS)}, NashMTL only on workloads of at most "
+        f"{NASH_MTL_DEFAULT_MAX_TASKS} tasks)",
+    )
+    chosen = compare.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--workloads",
+        help=f"comma-separated workloads, any of {','.join(WORKLOADS)} (default: all of them)",
+    )
+    chosen.add_argument(
+        "--workload",
+        choices=[*WORKLOADS, "all"],
+        help="one workload, or all of them (--workloads names several)",
     )
     compare.add_argument(
-        "--workload", choices=[*WORKLOADS, "all"], default="all", help="default: %(default)s"
+        "--quick",
+        action="store_true",
+        help=f"a first look: {QUICK_SEEDS} seed and {QUICK_STEPS} steps unless --seeds or "
+        "--steps say otherwise",
     )
     compare.add_argument(
-        "--steps", type=int, default=300, help="training steps per run (default: %(default)s)"
+        "--steps",
+        type=int,
+        help=f"training steps per run (default: {STEPS}, {QUICK_STEPS} with --quick)",
     )
     compare.add_argument(
         "--seeds",
         type=int,
-        default=3,
         help="number of seeds, 0 to N-1, each a data split, initialisation and batch order "
-        "(default: %(default)s)",
+        f"(default: {SEEDS}, {QUICK_SEEDS} with --quick)",
     )
     compare.add_argument(
         "--jobs",
@@ -97,22 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     arguments = parser.parse_args(argv)
-
-    for option in ("steps", "seeds", "jobs"):
-        if getattr(arguments, option) < (2 if option == "steps" else 1):
-            compare.error(f"--{option} is too small: {getattr(arguments, option)}")
-    names = list(dict.fromkeys(n.strip() for n in arguments.methods.split(",") if n.strip()))
-    if not names:
-        compare.error("--methods names no method")
-    problem = _device_problem(arguments.device) or _output_problem(arguments.output)
-    if problem:
-        compare.error(problem)
-    workload_names = list(WORKLOADS) if arguments.workload == "all" else [arguments.workload]
-    _require(
-        _PLOTS
-        | (_DIGITS if "digits" in workload_names else {})
-        | ({} if arguments.no_progress else _PROGRESS)
-    )
+    names, workload_names = _checked_options(compare, arguments)
+    modules = dict(_PLOTS)
+    for name in workload_names:
+        modules |= _WORKLOAD_MODULES.get(name, {})
+    _require(modules | ({} if arguments.no_progress else _PROGRESS))
 
     workloads = [load_workload(name, 0) for name in workload_names]
     methods: dict[str, list[Method]] = {}
@@ -126,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = [method.label for method in methods[workload.name]]
         if len(set(labels)) < len(labels):
             compare.error(f"--methods names one method twice: {', '.join(labels)}")
+        if arguments.methods is None:
+            methods[workload.name] = [
+                m for m in methods[workload.name] if m.settings.in_default_run(workload)
+            ]
 
     jobs = _jobs(methods, arguments)
     start = time.perf_counter()
@@ -142,6 +161,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report)
     print(f"{len(jobs)} runs in {elapsed:.0f} s. Wrote {', '.join(str(p) for p in written)}.")
     return 0
+
+
+def _checked_options(
+    compare: argparse.ArgumentParser, arguments: argparse.Namespace
+) -> tuple[list[str], list[str]]:
+    """
+    The method and the workload names the options give, with ``--quick``'s steps and seeds
+    filled in; a usage error, before any run, for an option that cannot work.
+    """
+
+    if arguments.steps is None:
+        arguments.steps = QUICK_STEPS if arguments.quick else STEPS
+    if arguments.seeds is None:
+        arguments.seeds = QUICK_SEEDS if arguments.quick else SEEDS
+
+    for option in ("steps", "seeds", "jobs"):
+        if getattr(arguments, option) < (2 if option == "steps" else 1):
+            compare.error(f"--{option} is too small: {getattr(arguments, option)}")
+    given = ",".join(DEFAULT_METHODS) if arguments.methods is None else arguments.methods
+    names = list(dict.fromkeys(n.strip() for n in given.split(",") if n.strip()))
+    if not names:
+        compare.error("--methods names no method")
+    problem = _device_problem(arguments.device) or _output_problem(arguments.output)
+    if problem:
+        compare.error(problem)
+    workload_names = _workload_names(arguments)
+    if isinstance(workload_names, str):
+        compare.error(workload_names)
+    return names, workload_names
+
+
+def _workload_names(arguments: argparse.Namespace) -> list[str] | str:
+    """The workloads to run, in the order named, or why the options name none."""
+
+    if arguments.workload is not None:
+        return list(WORKLOADS) if arguments.workload == "all" else [arguments.workload]
+    if arguments.workloads is None:
+        return list(WORKLOADS)
+    names = list(dict.fromkeys(n.strip() for n in arguments.workloads.split(",") if n.strip()))
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown:
+        return (
+            f"--workloads names an unknown workload {unknown[0]!r}: choose from "
+            f"{', '.join(WORKLOADS)}"
+        )
+    return names or "--workloads names no workload"
 
 
 def _device_problem(name: str) -> str | None:
@@ -202,17 +267,26 @@ def _exit_missing(packages: Sequence[str], for_what: str = "") -> NoReturn:
 
 
 def _jobs(methods: dict[str, list[Method]], arguments: argparse.Namespace) -> list[Job]:
-    """Every run of the comparison, the slowest (NashMTL's solver) first, the baselines last."""
+    """
+    Every run of the comparison, longest first so that the workers finish together: the slowest
+    methods (NashMTL's solver), then the others on the workloads with the most tasks, the
+    baselines last.
+    """
 
     common = {"steps": arguments.steps, "device": arguments.device}
     jobs = []
+    n_tasks = {name: len(load_workload(name, 0).tasks) for name in methods}
     for workload_name, of_workload in methods.items():
-        n_tasks = len(load_workload(workload_name, 0).tasks)
         for seed in range(arguments.seeds):
             jobs += [Job(workload_name, seed, method=m.name, **common) for m in of_workload]
-            jobs += [Job(workload_name, seed, task=k, **common) for k in range(n_tasks)]
+            jobs += [
+                Job(workload_name, seed, task=k, **common) for k in range(n_tasks[workload_name])
+            ]
     slow = {m.name for of_workload in methods.values() for m in of_workload if m.settings.slow}
-    return sorted(jobs, key=lambda job: (job.method not in slow, job.task is not None))
+    return sorted(
+        jobs,
+        key=lambda job: (job.method not in slow, job.task is not None, -n_tasks[job.workload]),
+    )
 
 
 def _run(jobs: Sequence[Job], workers: int, progress: bool) -> list[Run]:
@@ -226,8 +300,10 @@ def _run(jobs: Sequence[Job], workers: int, progress: bool) -> list[Run]:
         # Fresh interpreters ("spawn"): forking a process that holds torch's thread pools can
         # deadlock, and the runs must not depend on what this process did before.
         context = multiprocessing.get_context("spawn")
+        # Built here once: the workers neither import their packages nor make their data again.
+        workloads = {(j.workload, j.seed): load_workload(j.workload, j.seed) for j in jobs}
         with ProcessPoolExecutor(
-            workers, context, initializer=torch.set_num_threads, initargs=(1,)
+            workers, context, initializer=start_worker, initargs=(workloads,)
         ) as pool:
             futures = [pool.submit(run_job, job) for job in jobs]
             return [_then(advance, future.result()) for future in as_completed(futures)]

@@ -1,9 +1,10 @@
 r"""
 The report of ``torchjd-golden compare``: per workload and method, each task's test metric, the
-multi-task improvement :math:`\Delta_m\%` over the single-task baselines, the task weights the
-method applied and each task's share of the update with their balance, and the time per step, as
-mean and standard deviation over seeds; in Markdown and CSV, with the settings of every method and
-the check against the Golden Pendulum paper (its :math:`\alpha` balance).
+multi-task improvement :math:`\Delta_m\%` over the single-task baselines, its mean rank over
+the tasks among the methods, the task weights the method applied and each task's share of the
+update with their balance, and the time per step, as mean and standard deviation over seeds; in
+Markdown and CSV, with the settings of every method, the source of every workload and the check
+against the Golden Pendulum paper (its :math:`\alpha` balance).
 
 One definition for every method: the weights :math:`w_k` are those the method applied to the
 rows :math:`g_k` of the trunk's Jacobian, normalised to :math:`\sum_k |w_k| = 1`; task
@@ -28,7 +29,12 @@ from ._training import Run
 from ._workloads import Task, Workload
 
 COLLAPSE_WEIGHT = 0.9
-"""A method whose largest task weight averages at least this much has collapsed onto one task."""
+"""
+A method whose largest task weight averages at least this much, on a task whose share of the
+update does too, has collapsed onto that task. A large weight on a task whose gradient is tiny
+(Golden Pendulum's w_k = α_k / ||g_k|| where the losses differ by 10^5) is not a collapse: the
+share tells.
+"""
 
 PAPER_ALPHA_BALANCE = 0.24
 r"""Golden Pendulum's balance in its paper's table (four tasks, disparate losses): that of its QP
@@ -38,6 +44,9 @@ PAPER_NASH_BALANCE = 0.04
 """NashMTL's w_min / w_max in the same table, that of its weights on the raw gradients."""
 
 PAPER_WORKLOAD = "synthetic"
+
+MAX_TASK_COLUMNS = 8
+"""A workload with more tasks shows their mean metric in its table, not one column per task."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,22 @@ def delta_m(metrics: dict[str, float], baseline: dict[str, float], tasks: Sequen
     return 100.0 * sum(changes) / len(changes)
 
 
+def mean_ranks(metrics: Sequence[dict[str, float]], tasks: Sequence[Task]) -> list[float]:
+    """
+    Each method's mean over ``tasks`` of its rank on the task's test metric among the methods
+    (``metrics``, one dict per method): 1 for the best, as every metric here is higher-is-better;
+    tied methods share the mean of the ranks they span, so that a task's ranks always add up to
+    n (n + 1) / 2 for n methods.
+    """
+
+    table = torch.tensor([[m[t.name] for t in tasks] for m in metrics], dtype=torch.float64)
+    # [i, j, k]: whether method j beats (or ties with) method i on task k.
+    beaten_by = (table.unsqueeze(0) > table.unsqueeze(1)).sum(dim=1)
+    tied_with = (table.unsqueeze(0) == table.unsqueeze(1)).sum(dim=1) - 1
+    ranks = 1.0 + beaten_by + tied_with / 2.0
+    return ranks.mean(dim=1).tolist()
+
+
 def summarize(
     workloads: Sequence[Workload],
     methods: dict[str, list[Method]],
@@ -123,7 +148,8 @@ def summarize(
     """
     One summary per workload for its single-task baselines, then one per method, in the order
     of ``methods[workload.name]``. ``runs`` holds every job's run; Δm% compares each seed with
-    the baselines of the same seed.
+    the baselines of the same seed, and the mean rank each method with the others on the same
+    seed.
     """
 
     summaries = []
@@ -140,9 +166,21 @@ def summarize(
             for seed in seeds
         }
         summaries.append(_baseline_summary(workload, seeds, of_workload, baselines))
-        for method in methods[workload.name]:
-            by_seed = {r.job.seed: r for r in of_workload if r.job.method == method.name}
-            summaries.append(_method_summary(workload, method, seeds, by_seed, baselines))
+        by_method = [
+            {r.job.seed: r for r in of_workload if r.job.method == method.name}
+            for method in methods[workload.name]
+        ]
+        ranks = [  # per seed, each method's mean rank
+            mean_ranks([by_seed[seed].metrics for by_seed in by_method], workload.tasks)
+            for seed in seeds
+        ]
+        for index, (method, by_seed) in enumerate(
+            zip(methods[workload.name], by_method, strict=True)
+        ):
+            mean_rank = [of_seed[index] for of_seed in ranks]
+            summaries.append(
+                _method_summary(workload, method, seeds, by_seed, baselines, mean_rank)
+            )
     return summaries
 
 
@@ -184,6 +222,7 @@ def _method_summary(
     seeds: tuple[int, ...],
     by_seed: dict[int, Run],
     baselines: dict[int, dict[str, float]],
+    mean_rank: list[float],
 ) -> Summary:
     tasks = workload.tasks
     runs = [by_seed[s] for s in seeds]
@@ -194,6 +233,7 @@ def _method_summary(
     per_seed["delta_m_percent"] = [
         delta_m(r.metrics, baselines[s], tasks) for s, r in zip(seeds, runs, strict=True)
     ]
+    per_seed["mean_rank"] = mean_rank
     if weights is not None and shares is not None:
         per_seed |= _weight_quantities(tasks, _settled(weights), _settled(shares))
     if alphas is not None:
@@ -272,9 +312,14 @@ def _table(summaries: Sequence[Summary], workload: Workload) -> str:
     rows = [s for s in summaries if s.workload.name == workload.name]
     tasks = workload.tasks
     seeds = ", ".join(map(str, rows[0].seeds))
-    header = ["method", *(f"{t.name} ({t.metric})" for t in tasks)]
+    by_metric = _tasks_by_metric(tasks)
+    if by_metric is None:
+        header = ["method", *(f"{t.name} ({t.metric})" for t in tasks)]
+    else:
+        header = ["method", *(f"mean {metric} ({len(of)} tasks)" for metric, of in by_metric)]
     header += [
         "Δm% vs single-task",
+        "mean rank",
         "share balance s_min/s_max",
         "largest share",
         "weight balance w_min/w_max",
@@ -287,22 +332,60 @@ def _table(summaries: Sequence[Summary], workload: Workload) -> str:
         "|---" + "|---:" * (len(header) - 1) + "|",
     ]
     for s in rows:
-        cells = [s.label, *(s.metrics[t.name].format(3) for t in tasks)]
+        if by_metric is None:
+            cells = [s.label, *(s.metrics[t.name].format(3) for t in tasks)]
+        else:
+            cells = [s.label, *(_mean_metric(s, of).format(3) for _, of in by_metric)]
         cells.append("0 (reference)" if s.delta_m is None else s.delta_m.format(2, signed=True))
         cells += [
-            _cell(s.statistic(quantity))
-            for quantity in ("share_balance", "largest_share", "weight_balance")
+            _cell(s.statistic(quantity), digits)
+            for quantity, digits in (
+                ("mean_rank", 2),
+                ("share_balance", 3),
+                ("largest_share", 3),
+                ("weight_balance", 3),
+            )
         ]
         cells.append(f"{s.ms_per_step.mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _tasks_by_metric(tasks: Sequence[Task]) -> list[tuple[str, list[Task]]] | None:
+    """The tasks grouped by metric where there are too many for a column each, else None."""
+
+    if len(tasks) <= MAX_TASK_COLUMNS:
+        return None
+    groups: dict[str, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.metric, []).append(task)
+    return list(groups.items())
+
+
+def _mean_metric(summary: Summary, tasks: Sequence[Task]) -> Statistic:
+    """The mean over ``tasks`` of their test metric, per seed, then over seeds."""
+
+    per_task = torch.tensor([summary.per_seed[_metric_key(t)] for t in tasks])
+    return Statistic.of(per_task.mean(dim=0).tolist())
+
+
 def _weights_table(summaries: Sequence[Summary], workload: Workload) -> str:
-    """Per method and task, the applied weight w and the share s of the update, as means."""
+    """
+    Per method and task, the applied weight w and the share s of the update, as means; for a
+    workload with too many tasks for a column each, the tasks with the largest and the smallest.
+    """
 
     rows = [s for s in summaries if s.workload.name == workload.name and s.method is not None]
-    header = ["method", *(f"{t.name} w / s" for t in workload.tasks)]
+    tasks = workload.tasks
+    many = len(tasks) > MAX_TASK_COLUMNS
+    if many:
+        header = ["method"] + [
+            f"{extreme} {kind} (task)"
+            for kind in ("weight w", "share s")
+            for extreme in ("largest", "smallest")
+        ]
+    else:
+        header = ["method", *(f"{t.name} w / s" for t in tasks)]
     lines = [
         f"Task weights w (applied, unit total) and shares s of the update on {workload.name}, "
         "mean over seeds:",
@@ -311,19 +394,40 @@ def _weights_table(summaries: Sequence[Summary], workload: Workload) -> str:
         "|---" + "|---:" * (len(header) - 1) + "|",
     ]
     for s in rows:
+        weights = [s.statistic(f"{task.name} weight") for task in tasks]
+        shares = [s.statistic(f"{task.name} share") for task in tasks]
         cells = [s.label]
-        for task in workload.tasks:
-            weight, share = s.statistic(f"{task.name} weight"), s.statistic(f"{task.name} share")
-            if weight is None or share is None:
-                cells.append("—")
-            else:
-                cells.append(f"{weight.mean:.3f} / {share.mean:.3f}")
+        if many:
+            for values in (weights, shares):
+                if any(value is None for value in values):
+                    cells += ["—", "—"]
+                    continue
+                means = torch.tensor([value.mean for value in values if value is not None])
+                cells += _extremes(means, tasks)
+        else:
+            for weight, share in zip(weights, shares, strict=True):
+                if weight is None or share is None:
+                    cells.append("—")
+                else:
+                    cells.append(f"{weight.mean:.3f} / {share.mean:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(statistic: Statistic | None) -> str:
-    return "—" if statistic is None else statistic.format(3)
+def _extremes(means: Tensor, tasks: Sequence[Task]) -> list[str]:
+    """The largest and the smallest of ``means`` (one per task), each with its task's name."""
+
+    largest, smallest = (f"{float(means[k]):.3f}" for k in (means.argmax(), means.argmin()))
+    if largest == smallest:  # naming one task would suggest it stands out
+        return [f"{largest} (every task)"] * 2
+    return [
+        f"{largest} ({tasks[int(means.argmax())].name})",
+        f"{smallest} ({tasks[int(means.argmin())].name})",
+    ]
+
+
+def _cell(statistic: Statistic | None, digits: int = 3) -> str:
+    return "—" if statistic is None else statistic.format(digits)
 
 
 def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
@@ -336,7 +440,10 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "Test metrics on the held-out 20%, mean ± standard deviation over seeds. Δm% is the mean "
         "over tasks of 100 (M - M_single) / M_single against the single-task baseline of the "
         "same seed (the same network with one head, trained on its task alone), as LibMTL's "
-        "count_improvement; every metric here is higher-is-better. For every method, w_k are "
+        "count_improvement; every metric here is higher-is-better. The mean rank is, per seed, "
+        "the mean over tasks of the method's rank on the task's test metric among the methods "
+        "(1 = best, ties share the mean of their ranks), then averaged over seeds. For every "
+        "method, w_k are "
         "the weights it applied to the rows g_k of the trunk's Jacobian (those `jac_to_grad` "
         "returns), normalised to unit total, and s_k = |w_k| ||g_k|| / sum_j |w_j| ||g_j|| is "
         "task k's share of the update; balances are min_k / max_k, and every one of these is "
@@ -364,7 +471,47 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         lines.append(
             f"- {label}: {', '.join(dict.fromkeys(reprs))}{optimizer}. Source: {settings.source}"
         )
+    lines += ["", "Workloads:", ""]
+    lines += [f"- {workload.name}: {workload.source}" for workload in _workloads(summaries)]
+    notes = [_many_tasks_note(workload) for workload in _workloads(summaries)]
+    lines += [note for note in notes if note is not None]
+    lines += _left_out_notes(summaries)
     return "\n".join(lines)
+
+
+def _many_tasks_note(workload: Workload) -> str | None:
+    """For a workload with too many tasks for a column each: where its tasks' numbers are."""
+
+    if len(workload.tasks) <= MAX_TASK_COLUMNS:
+        return None
+    return (
+        f"- On {workload.name} ({len(workload.tasks)} tasks) the tables give each metric's mean "
+        "over the tasks and the tasks with the largest and the smallest weight and share; "
+        "every task's metric, weight and share is in results.csv."
+    )
+
+
+def _left_out_notes(summaries: Sequence[Summary]) -> list[str]:
+    """A line for each method the default run left out of some workloads, with the reason."""
+
+    ran: dict[str, set[str]] = {}  # method name: the workloads it ran on
+    first: dict[str, Summary] = {}
+    for s in summaries:
+        if s.method is not None:
+            ran.setdefault(s.method.name, set()).add(s.workload.name)
+            first.setdefault(s.method.name, s)
+    notes = []
+    for name, workloads in ran.items():
+        method = first[name].method
+        assert method is not None
+        missing = [w for w in _workloads(summaries) if w.name not in workloads]
+        if missing and method.settings.left_out_reason:
+            where = ", ".join(f"{w.name} ({len(w.tasks)} tasks)" for w in missing)
+            notes.append(
+                f"- {first[name].label} is left out of {where} in the default run: "
+                f"{method.settings.left_out_reason}"
+            )
+    return notes
 
 
 def headline_check(summaries: Sequence[Summary]) -> str | None:
@@ -423,11 +570,15 @@ def _collapse_notes(summaries: Sequence[Summary]) -> list[str]:
         if largest.mean < COLLAPSE_WEIGHT:
             continue
         settled = _settled(s.weights).abs().mean(dim=(0, 1))
-        task = s.workload.tasks[int(settled.argmax())].name
+        index = int(settled.argmax())
+        share = s.statistic(f"{s.workload.tasks[index].name} share")
+        if share is None or share.mean < COLLAPSE_WEIGHT:
+            continue
+        task = s.workload.tasks[index].name
         reason = s.method.settings.collapse_reason or "its weighting rule drives it there."
         notes.append(
             f"{s.label} collapses onto {task!r} on {s.workload.name} (largest weight "
-            f"{largest.mean:.2f}): {reason}"
+            f"{largest.mean:.2f}, share of the update {share.mean:.2f}): {reason}"
         )
     return notes
 

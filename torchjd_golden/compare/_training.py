@@ -10,7 +10,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import Tensor, nn
@@ -85,11 +84,26 @@ class MultiTaskNetwork(nn.Module):
         return features, [head(features) for head in self.heads]
 
 
-@cache
+_LOADED: dict[tuple[str, int], Workload] = {}
+"""The workloads this process has built or was given, by name and seed."""
+
+
 def load_workload(name: str, seed: int) -> Workload:
     """The workload ``name`` split with ``seed``, built once per process."""
 
-    return WORKLOADS[name](seed)
+    if (name, seed) not in _LOADED:
+        _LOADED[name, seed] = WORKLOADS[name](seed)
+    return _LOADED[name, seed]
+
+
+def start_worker(workloads: dict[tuple[str, int], Workload]) -> None:
+    """
+    Sets up a worker process: one thread, and the workloads the main process built, so that the
+    worker neither imports their packages nor makes their data again.
+    """
+
+    torch.set_num_threads(1)
+    _LOADED.update(workloads)
 
 
 def run_job(job: Job) -> Run:
