@@ -14,7 +14,7 @@ import platform
 
 import torch
 
-from . import aggregation, gcond, tasks, training_step
+from . import aggregation, gcond, step, tasks, training_step
 
 
 def main() -> None:
@@ -25,8 +25,8 @@ def main() -> None:
     parser.add_argument("--gcond-reference", help="path to the official grad_conductor.py")
     parser.add_argument(
         "--sections",
-        default="time,growth,memory,step,gcond,tasks",
-        help="comma-separated subset of time,growth,memory,step,gcond,tasks (default: all)",
+        default="time,growth,memory,step,gcond,tasks,engine",
+        help="comma-separated subset of time,growth,memory,step,gcond,tasks,engine (default: all)",
     )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -54,6 +54,8 @@ def main() -> None:
         gcond.step_table(reference, repeat)
     if "tasks" in sections:
         tasks.run(args.quick, 3)
+    if "engine" in sections:
+        step.run(args.quick)
 
 
 if __name__ == "__main__":

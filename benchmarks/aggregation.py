@@ -40,7 +40,7 @@ from torchjd_golden import (
     GoldenPendulum,
     GoldenPendulumWeighting,
 )
-from torchjd_golden._kernels.gcond import resolve_conflicts
+from torchjd_golden.aggregation._kernels.gcond import resolve_conflicts
 
 from ._measure import median_seconds, peak_memory_supported
 from .gcond import _floor, conflicting_jacobians, interleaved_medians, official_project, rotating

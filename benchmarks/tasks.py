@@ -46,7 +46,7 @@ from torchjd_golden import (
     GoldenPendulum,
     GoldenPendulumWeighting,
 )
-from torchjd_golden._kernels.gcond import resolve_conflicts
+from torchjd_golden.aggregation._kernels.gcond import resolve_conflicts
 
 from ._measure import extra_peak_bytes, peak_memory_supported
 from .aggregation import golden_reference_chain

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchjd.autojac import jac_to_grad, mtl_backward
 
 from torchjd_golden import ConflictMonitor, GoldenPendulum
-from torchjd_golden._task_step import JacobianStep
+from torchjd_golden.step._task_step import JacobianStep
 
 from .training_step import BATCH, N_TASKS, Network, _losses
 
@@ -85,7 +85,7 @@ def plain_loop(steps: int, diagnostics: bool) -> list[float]:
 def lightning_loop(steps: int, diagnostics: bool) -> list[float]:
     from lightning import Callback, Trainer  # noqa: PLC0415 - optional dependency
 
-    from torchjd_golden.lightning import MultiTaskModule, TaskLosses  # noqa: PLC0415
+    from torchjd_golden.integrations.lightning import MultiTaskModule, TaskLosses  # noqa: PLC0415
 
     class Module(MultiTaskModule):
         def __init__(self) -> None:
@@ -135,7 +135,7 @@ class HuggingFaceNetwork(nn.Module):
 def huggingface_loop(steps: int, diagnostics: bool) -> list[float]:
     from transformers import TrainerCallback, TrainingArguments  # noqa: PLC0415
 
-    from torchjd_golden.huggingface import MultiTaskTrainer  # noqa: PLC0415
+    from torchjd_golden.integrations.huggingface import MultiTaskTrainer  # noqa: PLC0415
 
     times: list[float] = []
 

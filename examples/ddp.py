@@ -1,9 +1,9 @@
 """
-Data-parallel training with torchjd-golden: two processes (gloo, CPU) train one model under
-DistributedDataParallel, each on its half of every batch, and stay identical (see
-docs/guides/ddp.rst).
+Jacobian descent under DistributedDataParallel: ``--processes`` gloo processes on CPU train one
+model with :class:`~torchjd_golden.JacobianDescent`, each on its share of every batch, then one
+process trains on the whole batches; the two must agree (see docs/guides/training_at_scale.rst).
 
-Run: ``python examples/ddp.py [--steps N]``
+Run: ``python examples/ddp.py [--processes N] [--gramian-from {parameters,features}]``
 """
 
 from __future__ import annotations
@@ -17,70 +17,55 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torchjd.autojac import jac_to_grad, mtl_backward
 
-from torchjd_golden import GABA, ExcessMTL, GoldenPendulum, sharded_jac_to_grad, sync_jacobians
+from torchjd_golden import GABA, JacobianDescent
 
-WORLD_SIZE = 2
+TASKS = ("price", "volume", "risk")
 
 
 class Network(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(10, 32), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(32, 1) for _ in range(3)])
+        self.trunk = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+        self.heads = nn.ModuleList([nn.Linear(16, 1) for _ in TASKS])
 
-    def forward(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         features = self.trunk(inputs)
-        return features, [head(features)[:, 0] for head in self.heads]
+        scales = (100.0, 1.0, 0.01)  # losses of very different magnitudes
+        return features, {
+            name: scale * (head(features)[:, 0] - targets[:, k]).pow(2).mean()
+            for k, (name, scale, head) in enumerate(zip(TASKS, scales, self.heads, strict=True))
+        }
 
 
-def train(rank: int, aggregator: nn.Module, sharded: bool, steps: int) -> tuple[float, float]:
-    torch.manual_seed(rank)  # different initialisations: DDP broadcasts rank 0's parameters
+def train(rank: int | None, processes: int, source: str, steps: int) -> list[Tensor]:
+    """Trains on the whole batches (``rank`` None) or on this rank's share of each."""
+
+    torch.manual_seed(0)
     network = Network()
-    model = DistributedDataParallel(network)
-    optimizer = torch.optim.Adam(network.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)  # the same batches on every rank
+    model = network if rank is None else DistributedDataParallel(network)
+    engine = JacobianDescent(model, GABA(warmup_steps=2), shared=network.trunk, gramian_from=source)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(1)  # the same batches in every process
     for _ in range(steps):
-        inputs = torch.randn(2 * 64, 10, generator=generator)
-        targets = torch.stack([100 * inputs[:, 0], inputs[:, 1] - inputs[:, 0], inputs[:, 2]], 1)
-        half = slice(rank * 64, (rank + 1) * 64)  # this rank's half of the batch
-        with model.no_sync():  # torchjd's backward bypasses DDP's gradient hooks
-            features, outputs = model(inputs[half])
-        losses = [((o - t) ** 2).mean() for o, t in zip(outputs, targets[half].T, strict=True)]
-        mtl_backward(losses, features=features)
-        if sharded:  # exact, about half the communication, for Gramian-weighted aggregators
-            sync_jacobians(network.heads.parameters())
-            sharded_jac_to_grad(network.trunk.parameters(), aggregator)
-        else:  # any aggregator: every rank aggregates the mean Jacobian
-            sync_jacobians(network.parameters())
-            jac_to_grad(network.trunk.parameters(), aggregator)
+        inputs = torch.randn(32 * processes, 10, generator=generator)
+        targets = torch.stack([inputs[:, 0], inputs[:, 1] - inputs[:, 0], inputs[:, 2]], dim=1)
+        if rank is not None:
+            share = slice(rank * 32, (rank + 1) * 32)
+            inputs, targets = inputs[share], targets[share]
+        features, losses = model(inputs, targets)
+        engine.backward(losses, features=features)
         optimizer.step()
         optimizer.zero_grad()
-
-    checksum = torch.cat([p.detach().flatten() for p in network.parameters()]).sum()
-    sums = [torch.zeros(()) for _ in range(WORLD_SIZE)]
-    dist.all_gather(sums, checksum)
-    return abs(float(sums[0] - sums[1])), float(torch.stack(losses).detach().sum())
+    return [p.detach().clone() for p in network.parameters()]
 
 
-def worker(rank: int, init_file: str, steps: int) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+def worker(rank: int, init: str, output: str, processes: int, source: str, steps: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=processes)
     try:
-        runs = [
-            ("GoldenPendulum", GoldenPendulum(), False),
-            ("GoldenPendulum", GoldenPendulum(), True),
-            ("GABA", GABA(warmup_steps=10), False),
-            ("GABA", GABA(warmup_steps=10), True),
-            ("ExcessMTL", ExcessMTL(), False),
-        ]
+        parameters = train(rank, processes, source, steps)
         if rank == 0:
-            print("aggregator       synchronisation   final loss   |rank 0 - rank 1| of parameters")
-        for name, aggregator, sharded in runs:
-            difference, loss = train(rank, aggregator, sharded, steps)
-            if rank == 0:
-                how = "sharded_jac_to_grad" if sharded else "sync_jacobians"
-                print(f"{name:17s}{how:20s}{loss:10.3f}   {difference:.1e}", flush=True)
+            torch.save(parameters, output)
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
@@ -88,11 +73,28 @@ def worker(rank: int, init_file: str, steps: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--gramian-from", choices=("parameters", "features"), default="parameters")
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     with tempfile.TemporaryDirectory() as directory:
-        mp.spawn(worker, args=(os.path.join(directory, "init"), args.steps), nprocs=WORLD_SIZE)
+        output = os.path.join(directory, "parameters.pt")
+        mp.spawn(
+            worker,
+            args=(
+                os.path.join(directory, "init"), output, args.processes, args.gramian_from,
+                args.steps,
+            ),
+            nprocs=args.processes,
+        )  # fmt: skip
+        distributed = torch.load(output, weights_only=True)
+    alone = train(None, args.processes, args.gramian_from, args.steps)
+    difference = max(
+        float((p - q).abs().max() / q.abs().max()) for p, q in zip(distributed, alone, strict=True)
+    )
+    print(f"DDP, gramian_from={args.gramian_from!r}, {args.steps} steps of GABA")
+    print(f"processes: {args.processes}, one process: max relative difference {difference:.1e}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel, TrainingArguments
 from transformers.utils import logging as transformers_logging
 
-from torchjd_golden.huggingface import MultiTaskTrainer
+from torchjd_golden.integrations.huggingface import MultiTaskTrainer
 
 TASKS = ("rare_tokens", "first_token", "mean_token")
 

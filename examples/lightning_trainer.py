@@ -21,7 +21,7 @@ from lightning import Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchjd_golden.lightning import MultiTaskModule, TaskLosses
+from torchjd_golden.integrations.lightning import MultiTaskModule, TaskLosses
 
 TASKS = ("position", "difference", "scaled")
 

@@ -18,7 +18,7 @@ the smallest :math:`|\alpha_k - \alpha^\varphi_k|` whose sign is read (the margi
 margin is within rounding of zero (:func:`knife_edge_threshold`) enumerates the branches. A
 result that equals one branch to float precision is one the reference can give, on one CPU or
 another; a wrong step size, :math:`\lambda` or number of steps moves the weights off every branch
-(``tests/test_curriculum.py`` shows it). It also runs
+(``tests/schedule/test_curriculum.py`` shows it). It also runs
 the reference itself on inputs nudged by a few units in the last place (:func:`nudged_gramians`):
 its results there are branches too, and their spread is the reference's own.
 """

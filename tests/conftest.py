@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from torchjd_golden._kernels import solver_path as forced_solver_path
+from torchjd_golden.aggregation._kernels import solver_path as forced_solver_path
 
 # Inductor's on-disk cache does not tell kernels built for one ATEN_CPU_CAPABILITY from another's
 # (torch 2.13): a run under another capability would reuse them and compute wrong values. Each

@@ -23,10 +23,12 @@ from torchjd_golden import (
     GCond,
     GoldenPendulum,
     GoldenPendulumWeighting,
-    _config,
     aggregator_from_config,
     available_names,
     weighting_from_config,
+)
+from torchjd_golden import (
+    config as config_module,
 )
 
 from ._methods import AGGREGATORS
@@ -183,7 +185,7 @@ def test_hydra_instantiate_with_target() -> None:
 
 
 def test_entry_points_register_our_classes() -> None:
-    points = {point.name: point for point in entry_points(group=_config.ENTRY_POINT_GROUP)}
+    points = {point.name: point for point in entry_points(group=config_module.ENTRY_POINT_GROUP)}
     for name in [*OUR_AGGREGATORS, "GoldenPendulumWeighting", "GCondWeighting"]:
         assert points[name].load() is getattr(torchjd_golden, name)
 
@@ -193,14 +195,16 @@ class _PluginAggregator(torchjd_aggregation.Mean):
 
 
 def test_plugins_registered_by_other_packages_are_found(monkeypatch: pytest.MonkeyPatch) -> None:
-    plugin = EntryPoint("MyPlugin", f"{__name__}:_PluginAggregator", _config.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(_config, "entry_points", lambda group: [plugin])
-    _config._registry.cache_clear()
+    plugin = EntryPoint(
+        "MyPlugin", f"{__name__}:_PluginAggregator", config_module.ENTRY_POINT_GROUP
+    )
+    monkeypatch.setattr(config_module, "entry_points", lambda group: [plugin])
+    config_module._registry.cache_clear()
     try:
         assert type(aggregator_from_config("my_plugin")) is _PluginAggregator
         assert "MyPlugin" in available_names()
     finally:
-        _config._registry.cache_clear()
+        config_module._registry.cache_clear()
 
 
 def test_one_training_script_swaps_methods_by_one_config_line(tmp_path: Path) -> None:

@@ -6,21 +6,40 @@ Every method is a :class:`torchjd.aggregation.Weighting` wrapped by a
 ``backward``/``mtl_backward``, and its Gramian weightings work with the autogram ``Engine``.
 """
 
-from ._accumulation import backward_task
-from ._adaptive_golden_pendulum import AdaptiveGoldenPendulum, AdaptiveGoldenPendulumWeighting
-from ._amp import with_grad_scaler
-from ._config import aggregator_from_config, available_names, weighting_from_config
-from ._curriculum import Curriculum, Phase
-from ._diagnostics import ConflictMonitor, ConflictReport
-from ._distributed import sharded_jac_to_grad, sync_jacobians
-from ._dynamic_k import DynamicK, DynamicKWeighting, TaskGroup
-from ._excess_mtl import ExcessMTL, ExcessMTLWeighting
-from ._gaba import GABA, GABAWeighting
-from ._gcond import GCond, GCondWeighting
-from ._gcond_statistics import GCondStatistics
-from ._golden_pendulum import PHI, GoldenPendulum, GoldenPendulumWeighting, golden_ratio_weights
-from ._monitoring import GramianDiagnostics, WeightLogger, gramian_diagnostics
-from ._presets import Preset, get_preset, list_presets
+from .aggregation import (
+    GABA,
+    PHI,
+    AdaptiveGoldenPendulum,
+    AdaptiveGoldenPendulumWeighting,
+    DynamicK,
+    DynamicKWeighting,
+    ExcessMTL,
+    ExcessMTLWeighting,
+    GABAWeighting,
+    GCond,
+    GCondStatistics,
+    GCondWeighting,
+    GoldenPendulum,
+    GoldenPendulumWeighting,
+    TaskGroup,
+    golden_ratio_weights,
+)
+from .config import aggregator_from_config, available_names, weighting_from_config
+from .monitoring import (
+    ConflictMonitor,
+    ConflictReport,
+    GramianDiagnostics,
+    WeightLogger,
+    gramian_diagnostics,
+)
+from .schedule import Curriculum, Phase, Preset, get_preset, list_presets
+from .step import (
+    JacobianDescent,
+    backward_task,
+    sharded_jac_to_grad,
+    sync_jacobians,
+    with_grad_scaler,
+)
 
 __version__ = "0.1.0"
 
@@ -43,6 +62,7 @@ __all__ = [
     "GoldenPendulum",
     "GoldenPendulumWeighting",
     "GramianDiagnostics",
+    "JacobianDescent",
     "Phase",
     "Preset",
     "TaskGroup",

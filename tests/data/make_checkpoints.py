@@ -3,9 +3,9 @@ Writes ``checkpoints.pt``: for each stateful aggregator, its ``state_dict`` afte
 the inputs and outputs of the calls that follow it.
 
 The file in the repository was written by the code of commit a3d3d89 (before the package was
-reorganised into kernels); ``tests/test_checkpoints.py`` loads each state into a fresh instance of
-today's code with ``weights_only=True`` and checks that it continues with the same outputs, so a
-checkpoint written by an earlier release keeps working. Run from the repository root:
+reorganised into kernels); ``tests/aggregation/test_checkpoints.py`` loads each state into a fresh
+instance of today's code with ``weights_only=True`` and checks that it continues with the same
+outputs, so a checkpoint written by an earlier release keeps working. Run from the repository root:
 ``python -m tests.data.make_checkpoints`` (only to add a case: it overwrites the file).
 """
 

@@ -18,7 +18,8 @@ import torch
 
 from ._methods import DEFAULT_METHODS, NASH_MTL_DEFAULT_MAX_TASKS, Method, build_method
 from ._plots import write_plots
-from ._report import markdown_report, summarize, write_csv
+from ._report import markdown_report, write_csv
+from ._summary import summarize
 from ._training import Job, Run, load_workload, run_job, start_worker
 from ._workloads import WORKLOADS
 

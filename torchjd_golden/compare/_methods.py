@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torchjd.aggregation import Aggregator
 
-from .. import aggregator_from_config
-from .._config import _lookup
+from ..config import _lookup, aggregator_from_config
 from ._workloads import Workload
 
 ADAM_BETAS = (0.9, 0.999)

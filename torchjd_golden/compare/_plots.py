@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._report import PAPER_WORKLOAD, Summary
+from ._report import PAPER_WORKLOAD
+from ._summary import Summary
 
 SMOOTHING = 10
 """Window, in steps, of the trailing moving average of every curve."""

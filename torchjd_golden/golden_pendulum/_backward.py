@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torchjd.aggregation import Aggregator
 from torchjd.autojac import backward, jac_to_grad
 
-from .._gramian import compute_gramian
-from .._torchjd_compat import leaf_tensors
+from ..aggregation._gramian import compute_gramian
+from ..aggregation._torchjd_compat import leaf_tensors
 
 
 def shared_parameters(model: nn.Module, shared_params: Iterable[Tensor] | None) -> list[Tensor]:

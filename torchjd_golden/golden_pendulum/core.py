@@ -7,8 +7,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .._golden_pendulum import PHI, GoldenPendulum
-from .._golden_pendulum import golden_ratio_weights as _golden_ratio_weights
+from ..aggregation._golden_pendulum import PHI, GoldenPendulum
+from ..aggregation._golden_pendulum import golden_ratio_weights as _golden_ratio_weights
 from ._backward import balanced_backward, single_task_backward, weights_by_name
 from ._settings import aggregator_setting
 
@@ -89,9 +89,7 @@ class GoldenPendulumMTL:
         pcgrad: bool = True,
     ) -> None:
         self.n_tasks = n_tasks
-        self.aggregator = GoldenPendulum(
-            lam=lam, n_iter=n_iter, min_weight_fraction=min_weight_fraction, pcgrad=pcgrad
-        )
+        self.aggregator = GoldenPendulum.from_arguments(locals())
         self.weight_history: list[dict[str, float]] = []
 
     lam = aggregator_setting(GoldenPendulum, "lam")

@@ -5,8 +5,8 @@ torchjd-golden's :class:`~torchjd_golden.AdaptiveGoldenPendulum`,
 :class:`~torchjd_golden.ConflictMonitor` and presets, with the reference's numbers.
 """
 
-from ..._curriculum import Phase
-from ..._diagnostics import ConflictReport
+from ...monitoring import ConflictReport
+from ...schedule import Phase
 from .adaptive import AdaptiveLambda
 from .curriculum import CurriculumScheduler
 from .diagnostics import DiagnosticsEngine

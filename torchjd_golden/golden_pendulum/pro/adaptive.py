@@ -8,13 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..._adaptive_golden_pendulum import (
-    _MIN_LOSS,
+from ...aggregation._adaptive_golden_pendulum import (
     AdaptiveGoldenPendulum,
     AdaptiveGoldenPendulumWeighting,
-    conflicting_fraction,
 )
-from ..._gramian import normalize_gramian
+from ...aggregation._adaptive_lambda import _MIN_LOSS, conflicting_fraction
+from ...aggregation._gramian import normalize_gramian
 from .._backward import balanced_backward, single_task_backward, weights_by_name
 from .._settings import aggregator_setting
 
@@ -58,18 +57,8 @@ class AdaptiveLambda:
         min_weight_fraction: float = 0.02,
         pcgrad: bool = True,
     ) -> None:
-        self.aggregator: AdaptiveGoldenPendulum = _ReferenceAdaptiveGoldenPendulum(
-            lam_init=lam_init,
-            lam_min=lam_min,
-            lam_max=lam_max,
-            ema_decay=ema_decay,
-            conflict_target=conflict_target,
-            sensitivity=sensitivity,
-            loss_ratio_aware=loss_ratio_aware,
-            n_iter=n_iter,
-            min_weight_fraction=min_weight_fraction,
-            pcgrad=pcgrad,
-        )
+        aggregator = _ReferenceAdaptiveGoldenPendulum.from_arguments(locals())
+        self.aggregator: AdaptiveGoldenPendulum = aggregator
         self._step = 0
         self._history: list[dict[str, Any]] = []
         self._conflict_ratio = 0.0

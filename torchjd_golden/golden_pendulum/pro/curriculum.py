@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..._curriculum import Curriculum, Phase
+from ...schedule import Curriculum, Phase
 from ..core import GoldenPendulumMTL
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..._diagnostics import ConflictMonitor, ConflictReport
+from ...monitoring import ConflictMonitor, ConflictReport
 from .._backward import task_gramian
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from ... import _dynamic_k as native
+from ...aggregation import _dynamic_k as native
 from .._backward import balanced_backward, single_task_backward, weights_by_name
 from .._settings import aggregator_setting
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ... import _presets as native
+from ...schedule import _presets as native
 
 FinancePreset = native.Preset
 """A preset's phases and recommendations (:class:`torchjd_golden.Preset`)."""

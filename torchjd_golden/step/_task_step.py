@@ -1,0 +1,209 @@
+"""
+What the trainer integrations share: per-task losses in, torchjd's backward at each micro-batch,
+one aggregation per optimizer step.
+
+A trainer calls :meth:`JacobianStep.take` on what its model returned (the losses by task name, a
+vector, or :class:`TaskLosses` with the shared features), then :meth:`JacobianStep.backward`
+once per micro-batch on the loss vector it has scaled (for accumulation, for a ``GradScaler``),
+and :meth:`JacobianStep.resolve` once per optimizer step, before clipping and the step. Nothing
+here imports a trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.amp import GradScaler
+from torchjd.aggregation import Aggregator
+from torchjd.autojac import backward, jac_to_grad, mtl_backward
+
+from ..aggregation._tasks import default_task_names, set_step_inputs
+from ..config import aggregator_from_config
+from ..monitoring._conflict_monitor import ConflictMonitor
+from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
+from ..monitoring._weighting_calls import weight_scalars
+from ._amp import with_grad_scaler
+
+
+@dataclass(frozen=True)
+class TaskLosses:
+    """
+    The per-task losses of a training step, with the shared features when the model has them.
+
+    With ``features`` (the last representation that every task uses), the step runs torchjd's
+    ``mtl_backward``: the task-specific heads get their own gradients and only the parameters
+    before ``features`` get a Jacobian to aggregate. Without, it runs ``backward`` and every
+    parameter the losses depend on gets a Jacobian.
+
+    :param losses: The scalar losses, as a mapping from task name to loss, a sequence, or a
+        vector (the tasks are then named ``task_0``, ``task_1``, ...).
+    :param features: The shared features, a tensor or a sequence of tensors.
+    """
+
+    losses: Mapping[Hashable, Tensor] | Sequence[Tensor] | Tensor
+    features: Tensor | Sequence[Tensor] | None = None
+
+
+def build_aggregator(spec: object) -> Aggregator:
+    """``spec`` if it is an aggregator, else the one :func:`aggregator_from_config` builds."""
+
+    return spec if isinstance(spec, Aggregator) else aggregator_from_config(spec)
+
+
+def split_task_losses(output: object) -> tuple[tuple[Hashable, ...], Tensor, Any]:
+    """
+    The task names, the vector of losses and the features (or ``None``) of a model's output: a
+    :class:`TaskLosses`, a mapping with a ``losses`` entry (and maybe ``features``), a mapping
+    from task name to loss, a sequence of scalar losses, or a vector.
+    """
+
+    features = None
+    if isinstance(output, TaskLosses):
+        features, output = output.features, output.losses
+    elif isinstance(output, Mapping) and "losses" in output:
+        features, output = output.get("features"), output["losses"]
+    if isinstance(output, Mapping):
+        names = tuple(output)
+        losses = [output[name] for name in names]
+    elif isinstance(output, Tensor):
+        vector = output.reshape(-1) if output.ndim == 0 else output
+        if vector.ndim != 1:
+            raise ValueError(
+                "The per-task losses must be a vector, one loss per task. Found a tensor of shape "
+                f"{tuple(output.shape)}."
+            )
+        return default_task_names(vector.shape[0]), vector, features
+    elif isinstance(output, Sequence) and not isinstance(output, str):
+        names, losses = default_task_names(len(output)), list(output)
+    else:
+        raise TypeError(
+            "The training step must give per-task losses: a mapping from task name to loss, a "
+            f"sequence or vector of losses, or TaskLosses. Found {type(output).__name__}."
+        )
+    if not losses:
+        raise ValueError("The training step gave no task loss.")
+    for name, loss in zip(names, losses, strict=True):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(f"The loss of task {name!r} must be a scalar tensor. Found {loss!r}.")
+    return names, torch.stack([loss.reshape(()) for loss in losses]), features
+
+
+def attach_diagnostics(
+    aggregator: Aggregator, diagnostics: bool | DiagnosticsRecorder, task_source: object
+) -> DiagnosticsRecorder | None:
+    """
+    The trainers' ``diagnostics`` argument: ``True`` attaches a new
+    :class:`~torchjd_golden.ConflictMonitor` (the diagnostics engine) to ``aggregator``, a
+    recorder (a :class:`~torchjd_golden.ConflictMonitor` of the caller's included) is attached
+    the same way, with the task names read from ``task_source.tasks``; returns it (``None`` for
+    ``False``).
+    """
+
+    if diagnostics is False:
+        return None
+    recorder = ConflictMonitor() if diagnostics is True else diagnostics
+    hook_recorder(aggregator, check_recorder(recorder, "diagnostics"), task_source=task_source)
+    return recorder
+
+
+class JacobianStep:
+    """
+    Jacobian descent inside a trainer: backward passes that add to torchjd's ``.jac`` fields,
+    one aggregation per optimizer step (so an aggregator that accumulates, then resolves, such
+    as GCond, sees the whole step), the task names given to the aggregator, and the loss scale
+    of a ``GradScaler`` taken out as :func:`~torchjd_golden.with_grad_scaler` does.
+
+    :param aggregator: The aggregator, or a name or config for
+        :func:`~torchjd_golden.aggregator_from_config`.
+    :param diagnostics: ``True`` for the diagnostics engine, or a recorder (an object with a
+        ``record(gramian, weights=None, *, tasks=None)`` method, as
+        :class:`~torchjd_golden.ConflictMonitor`), which then receives the Gramian the
+        aggregator's weighting used (or computed from its Jacobian), the weights and the task
+        names at each step.
+    """
+
+    def __init__(self, aggregator: object, diagnostics: bool | DiagnosticsRecorder = False) -> None:
+        self.aggregator = build_aggregator(aggregator)
+        self.tasks: tuple[Hashable, ...] | None = None
+        self.last_weights: Tensor | None = None
+        self.aggregated = False  # whether the last resolve aggregated (had a backward pass)
+        self._features: Any = None
+        self._loss_sum: Tensor | None = None
+        self._scaled: tuple[GradScaler, Aggregator] | None = None
+        self.recorder = attach_diagnostics(self.aggregator, diagnostics, task_source=self)
+
+    def take(self, output: object) -> Tensor:
+        """
+        Reads the per-task losses a model gave and returns them as a vector, keeping the names
+        and features for the coming :meth:`backward`.
+
+        :raises ValueError: If the tasks differ from those of the earlier micro-batches of the
+            same optimizer step, whose Jacobians would otherwise be added row by row.
+        """
+
+        names, losses, features = split_task_losses(output)
+        if self._loss_sum is not None and names != self.tasks:
+            raise ValueError(
+                f"The tasks changed within one optimizer step, from {list(self.tasks or ())} to "
+                f"{list(names)}: the micro-batches of a step must give the same tasks."
+            )
+        self.tasks, self._features = names, features
+        return losses
+
+    def backward(self, losses: Tensor) -> None:
+        """
+        Adds the Jacobian of ``losses`` (the vector :meth:`take` returned, maybe divided by the
+        number of micro-batches and multiplied by a loss scale) to the ``.jac`` fields.
+        """
+
+        features, self._features = self._features, None
+        vector = losses.reshape(-1)
+        if features is None:
+            backward(vector)
+        else:
+            # The tasks' losses share the graph of the stacked (and scaled) vector, which
+            # mtl_backward differentiates once per task: it must outlive the first pass. It is
+            # freed with the vector, at the end of the step.
+            mtl_backward(list(vector.unbind()), features=features, retain_graph=True)
+        detached = vector.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+
+    def resolve(
+        self, parameters: Iterable[Tensor], scaler: GradScaler | None = None
+    ) -> Tensor | None:
+        """
+        Aggregates the ``.jac`` fields of ``parameters`` into their ``.grad`` fields (with the
+        loss scale taken out when ``scaler`` is enabled) and returns the weights, or ``None`` for
+        an aggregator without weights (such as GCond, whose update carries momentum) or a step
+        without a backward pass (then :attr:`aggregated` is false).
+        """
+
+        tensors = [p for p in parameters if getattr(p, "jac", None) is not None]
+        loss_sum, self._loss_sum = self._loss_sum, None
+        self.aggregated = bool(tensors)
+        if not tensors:
+            return None
+        # The sum of the scaled losses: the adaptive λ only reads their ratios.
+        set_step_inputs(self.aggregator, self.tasks, loss_sum)
+        self.last_weights = jac_to_grad(tensors, self._aggregator_for(scaler))
+        return self.last_weights
+
+    def weight_scalars(self) -> dict[str, Tensor]:
+        """The scalars of the last step's weights by task name (empty without weights)."""
+
+        if self.last_weights is None or self.tasks is None:
+            return {}
+        alpha = getattr(self.aggregator, "alpha", None)
+        alpha = alpha if isinstance(alpha, Tensor) else None
+        return weight_scalars(self.last_weights, self.tasks, alpha)
+
+    def _aggregator_for(self, scaler: GradScaler | None) -> Aggregator:
+        if scaler is None or not scaler.is_enabled():
+            return self.aggregator
+        if self._scaled is None or self._scaled[0] is not scaler:
+            self._scaled = (scaler, with_grad_scaler(self.aggregator, scaler))
+        return self._scaled[1]
