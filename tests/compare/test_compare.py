@@ -239,6 +239,88 @@ def test_the_default_run_leaves_nash_mtl_out_of_many_tasks_only(
     assert {job.method for job in jobs} == {"nash_mtl", None}
 
 
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        (None, {"parameters": set(DEFAULT_METHODS)}),
+        (
+            "parameters,features",
+            {
+                "parameters": set(DEFAULT_METHODS),
+                "features": {"golden_pendulum", "gaba", "upgrad"},  # the Gramian weightings
+            },
+        ),
+        ("features", {"features": {"golden_pendulum", "gaba", "upgrad"}}),
+    ],
+)
+def test_gramian_from_runs_each_gramian_weighting_from_the_features_too(
+    sources: str | None, expected: dict[str, set[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    option = [] if sources is None else ["--gramian-from", sources]
+    jobs = _jobs_of(["--workloads", "synthetic", "--seeds", "1", *option], monkeypatch)
+    ran: dict[str, set[str]] = {}
+    for job in jobs:
+        if job.method is not None:
+            ran.setdefault(job.gramian_from, set()).add(job.method)
+    assert ran == expected
+    baselines = [job for job in jobs if job.task is not None]
+    assert len(baselines) == 4
+    assert {job.gramian_from for job in baselines} == {"parameters"}
+
+
+def test_both_sources_side_by_side_in_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(
+        [
+            "compare",
+            "--methods",
+            "upgrad,excess_mtl",
+            "--workloads",
+            "synthetic",
+            "--gramian-from",
+            "parameters,features",
+            "--steps",
+            "6",
+            "--seeds",
+            "2",
+            "--jobs",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    results, runs = _results(tmp_path / "results.csv"), _runs(tmp_path / "runs.csv")
+    assert ("synthetic", "UPGrad (features)", "delta_m_percent") in results
+    assert not [key for key in results if key[1] == "ExcessMTL (features)"]
+    # Each source's Δm% is the mean of its seeds', and the two differ (not one run twice).
+    exact, fast = (
+        torch.tensor([runs[("synthetic", label, s, "delta_m_percent")] for s in (0, 1)])
+        for label in ("UPGrad", "UPGrad (features)")
+    )
+    assert not torch.equal(exact, fast)
+    (line,) = [row for row in printed.splitlines() if row.startswith("| synthetic | UPGrad |")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[2] == f"{float(exact.mean()):+.2f} ± {float(exact.std()):.2f}"
+    assert cells[3] == f"{float(fast.mean()):+.2f} ± {float(fast.std()):.2f}"
+    assert cells[4] == f"{float(fast.mean()) - float(exact.mean()):+.2f}"
+    ms = {
+        label: results[("synthetic", label, "ms_per_step")][0]
+        for label in ("UPGrad", "UPGrad (features)")
+    }
+    assert cells[5:] == [
+        f"{ms['UPGrad']:.1f}",
+        f"{ms['UPGrad (features)']:.1f}",
+        f"{ms['UPGrad'] / ms['UPGrad (features)']:.2f}x",
+    ]
+    assert "Without a (features) row, as they weight the Jacobian itself" in printed
+    assert "task k's gradient with respect to the trunk's output" in printed
+    # One line of settings per method, not one more for its (features) row.
+    assert printed.count("- UPGrad: `UPGrad(") == 1
+
+
 def _one_task(workload: Workload, index: int) -> Workload:
     return Workload(
         "one task",
@@ -587,6 +669,9 @@ def test_an_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         ["--workload", "digits", "--workloads", "digits"],
         ["--device", "nope"],
         ["--methods", "cagrad"],  # a required argument the command cannot choose
+        ["--gramian-from", "feature"],
+        ["--gramian-from", " , "],
+        ["--methods", "mean,gcond", "--gramian-from", "features"],  # no Gramian weighting
     ],
 )
 def test_bad_options_are_usage_errors(arguments: list[str]) -> None:

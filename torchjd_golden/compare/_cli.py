@@ -16,12 +16,20 @@ from typing import NoReturn
 
 import torch
 
-from ._methods import DEFAULT_METHODS, NASH_MTL_DEFAULT_MAX_TASKS, Method, build_method
+from ..step import GramianSource
+from ._methods import (
+    DEFAULT_METHODS,
+    GRAMIAN_SOURCES,
+    NASH_MTL_DEFAULT_MAX_TASKS,
+    Method,
+    build_method,
+    weights_the_gramian,
+)
 from ._plots import write_plots
 from ._report import markdown_report, write_csv
 from ._summary import summarize
 from ._training import Job, Run, load_workload, run_job, start_worker
-from ._workloads import WORKLOADS
+from ._workloads import WORKLOADS, Workload
 
 INSTALL_HINT = "pip install 'torchjd-golden[compare]'"
 
@@ -58,6 +66,13 @@ three tasks (class, parity, size); "multi-digits" overlays two of those digits a
 the mnist1d package, as its class and three latent variables of its generator (shift, shear,
 noise level), whose losses start 5x10^5 apart; "many-tasks" is 40 binary attributes of
 MNIST-1D, as CelebA has 40. Each method's mean rank over the tasks is beside its Delta_m%.
+
+Every method trains through torchjd_golden.JacobianDescent with the weights from the Jacobian of
+the trunk's parameters (gramian_from="parameters", the exact method). With --gramian-from
+parameters,features each method that weights the Gramian (Golden Pendulum, GABA, UPGrad, ...)
+runs a second time with the weights from the Gramian of the tasks' gradients with respect to the
+trunk's output (its row "<method> (features)"), and a table under the others sets the two side by
+side: what the fast step costs in Delta_m% and saves in time per step.
 """
 
 
@@ -115,6 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="runs trained at a time, each in its own process with one thread "
         "(default: the CPUs available, %(default)s)",
     )
+    compare.add_argument(
+        "--gramian-from",
+        default="parameters",
+        help="comma-separated sources of the weights, parameters (exact, every method) and "
+        "features (the feature Gramian, the methods that weight the Gramian only) "
+        "(default: %(default)s)",
+    )
     compare.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     compare.add_argument(
         "--output",
@@ -124,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     arguments = parser.parse_args(argv)
-    names, workload_names = _checked_options(compare, arguments)
+    names, workload_names, sources = _checked_options(compare, arguments)
     modules = dict(_PLOTS)
     for name in workload_names:
         modules |= _WORKLOAD_MODULES.get(name, {})
@@ -134,11 +156,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods: dict[str, list[Method]] = {}
     for workload in workloads:
         try:
-            methods[workload.name] = [build_method(n, workload, arguments.steps) for n in names]
+            methods[workload.name] = [
+                build_method(name, workload, arguments.steps, gramian_from=source)
+                for name in names
+                for source in sources
+                if source == "parameters" or _weights_the_gramian(name, workload)
+            ]
         except ValueError as error:
             compare.error(str(error))
         except ImportError:  # torchjd's NashMTL without its solver
             _exit_missing(["cvxpy"], for_what=" for NashMTL")
+        if not methods[workload.name]:
+            compare.error(
+                "--gramian-from features needs a method that weights the Gramian: "
+                f"{', '.join(names)} weight the Jacobian itself"
+            )
         labels = [method.label for method in methods[workload.name]]
         if len(set(labels)) < len(labels):
             compare.error(f"--methods names one method twice: {', '.join(labels)}")
@@ -166,10 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _checked_options(
     compare: argparse.ArgumentParser, arguments: argparse.Namespace
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], list[str], list[GramianSource]]:
     """
-    The method and the workload names the options give, with ``--quick``'s steps and seeds
-    filled in; a usage error, before any run, for an option that cannot work.
+    The method and the workload names and the sources of the weights the options give, with
+    ``--quick``'s steps and seeds filled in; a usage error, before any run, for an option that
+    cannot work.
     """
 
     if arguments.steps is None:
@@ -190,7 +223,20 @@ def _checked_options(
     workload_names = _workload_names(arguments)
     if isinstance(workload_names, str):
         compare.error(workload_names)
-    return names, workload_names
+    given_sources = [n.strip() for n in arguments.gramian_from.split(",") if n.strip()]
+    sources = [source for source in GRAMIAN_SOURCES if source in given_sources]
+    unknown = [source for source in given_sources if source not in GRAMIAN_SOURCES]
+    if unknown or not sources:
+        compare.error(
+            f"--gramian-from {arguments.gramian_from!r}: choose from {', '.join(GRAMIAN_SOURCES)}"
+        )
+    return names, workload_names, sources
+
+
+def _weights_the_gramian(name: str, workload: Workload) -> bool:
+    """Whether the method ``name`` has a step from the feature Gramian."""
+
+    return weights_the_gramian(build_method(name, workload, STEPS).aggregator)
 
 
 def _workload_names(arguments: argparse.Namespace) -> list[str] | str:
@@ -279,7 +325,10 @@ def _jobs(methods: dict[str, list[Method]], arguments: argparse.Namespace) -> li
     n_tasks = {name: len(load_workload(name, 0).tasks) for name in methods}
     for workload_name, of_workload in methods.items():
         for seed in range(arguments.seeds):
-            jobs += [Job(workload_name, seed, method=m.name, **common) for m in of_workload]
+            jobs += [
+                Job(workload_name, seed, method=m.name, gramian_from=m.gramian_from, **common)
+                for m in of_workload
+            ]
             jobs += [
                 Job(workload_name, seed, task=k, **common) for k in range(n_tasks[workload_name])
             ]

@@ -176,7 +176,8 @@ def _compact_figure(plt: Any, rows: Sequence[Summary]) -> Any:
         _fractions(axis, summary.shares, len(tasks))
         balance = summary.statistic("share_balance")
         balance_text = "" if balance is None else f" · balance {balance.mean:.2f}"
-        axis.set_title(f"{summary.method.aggregator}{balance_text}", fontsize=9)
+        mode = " (features)" if summary.method.gramian_from == "features" else ""
+        axis.set_title(f"{summary.method.aggregator}{mode}{balance_text}", fontsize=9)
         _style(axis)
     for index, axis in enumerate(cells[: len(methods)]):
         if index % columns == 0:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ._methods import ADAM_BETAS, BATCH_SIZE, LEARNING_RATE, Method
+from ._sources import sources_note, sources_table
 from ._summary import Statistic, Summary, metric_key, settled
 from ._workloads import Task, Workload
 
@@ -49,6 +50,9 @@ def markdown_report(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         for workload in _workloads(summaries)
         for table in (_table, _weights_table)
     ]
+    sources = sources_table(summaries)
+    if sources is not None:
+        blocks.append(sources)
     blocks.append(_settings(summaries, steps, jobs))
     notes = [line for line in (headline_check(summaries), *_collapse_notes(summaries)) if line]
     if notes:
@@ -186,7 +190,9 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     seeds = ", ".join(map(str, summaries[0].seeds))
     lines = [
         "**Settings.** Every run: a shared MLP (64, 64) with one linear head per task, "
-        f"`mtl_backward` then `jac_to_grad` on the trunk, Adam with lr={LEARNING_RATE} and "
+        "the step engine `JacobianDescent(network, aggregator, shared=network.trunk)` "
+        "(gramian_from='parameters': torchjd's `mtl_backward` then `jac_to_grad` on the trunk), "
+        f"Adam with lr={LEARNING_RATE} and "
         f"betas={ADAM_BETAS} unless said below, batches of {BATCH_SIZE}, {steps} steps, seeds "
         f"{seeds} (the same data split, initialisation and batches for every method of a seed). "
         "Test metrics on the held-out 20%, mean ± standard deviation over seeds. Δm% is the mean "
@@ -196,7 +202,7 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         "the mean over tasks of the method's rank on the task's test metric among the methods "
         "(1 = best, ties share the mean of their ranks), then averaged over seeds. For every "
         "method, w_k are "
-        "the weights it applied to the rows g_k of the trunk's Jacobian (those `jac_to_grad` "
+        "the weights it applied to the rows g_k of the trunk's Jacobian (those the step "
         "returns), normalised to unit total, and s_k = |w_k| ||g_k|| / sum_j |w_j| ||g_j|| is "
         "task k's share of the update; balances are min_k / max_k, and every one of these is "
         "averaged over the second half of training; — for a method that applies no weights. "
@@ -208,7 +214,8 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     ]
     configured: dict[str, list[tuple[str, Method]]] = {}  # label: (workload, method) pairs
     for s in summaries:
-        if s.method is not None:
+        # A (features) row has the settings of the method's exact row.
+        if s.method is not None and s.method.gramian_from == "parameters":
             configured.setdefault(s.label, []).append((s.workload.name, s.method))
     for label, pairs in configured.items():
         settings = pairs[0][1].settings
@@ -228,6 +235,9 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     notes = [_many_tasks_note(workload) for workload in _workloads(summaries)]
     lines += [note for note in notes if note is not None]
     lines += _left_out_notes(summaries)
+    note = sources_note(summaries)
+    if note is not None:
+        lines += ["", "Sources of the weights:", "", note]
     return "\n".join(lines)
 
 

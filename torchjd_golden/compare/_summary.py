@@ -142,7 +142,11 @@ def summarize(
         }
         summaries.append(_baseline_summary(workload, seeds, of_workload, baselines))
         by_method = [
-            {r.job.seed: r for r in of_workload if r.job.method == method.name}
+            {
+                r.job.seed: r
+                for r in of_workload
+                if (r.job.method, r.job.gramian_from) == (method.name, method.gramian_from)
+            }
             for method in methods[workload.name]
         ]
         ranks = [  # per seed, each method's mean rank
