@@ -13,10 +13,10 @@ import torch
 
 from torchjd_golden import GoldenPendulum
 from torchjd_golden.compare import _cli, main
-from torchjd_golden.compare._methods import SETTINGS, Method, build_method
+from torchjd_golden.compare._methods import DEFAULT_METHODS, SETTINGS, Method, build_method
 from torchjd_golden.compare._plots import _pyplot, _workload_figure
 from torchjd_golden.compare._report import markdown_report
-from torchjd_golden.compare._summary import balance, delta_m, summarize
+from torchjd_golden.compare._summary import balance, delta_m, mean_ranks, summarize
 from torchjd_golden.compare._training import (
     Job,
     MultiTaskNetwork,
@@ -28,9 +28,9 @@ from torchjd_golden.compare._training import (
     run_job,
     update_shares,
 )
-from torchjd_golden.compare._workloads import Workload
+from torchjd_golden.compare._workloads import WORKLOADS, Task, Workload
 
-OPTIONAL_MODULES = ("matplotlib", "sklearn", "tqdm", "yaml", "omegaconf")
+OPTIONAL_MODULES = ("matplotlib", "sklearn", "tqdm", "yaml", "omegaconf", "mnist1d", "scipy")
 TASKS = ("ranking", "classification", "regression", "hedge")
 INSTALL_HINT = "pip install 'torchjd-golden[compare]'"
 
@@ -130,7 +130,7 @@ def test_a_small_run_writes_the_report_the_tables_and_the_figures(
         assert runs[key] == pytest.approx(again.metrics[task.name], abs=1e-6)
 
 
-def test_both_workloads_by_default(tmp_path: Path) -> None:
+def test_every_workload_by_default(tmp_path: Path) -> None:
     main(
         [
             "compare",
@@ -150,11 +150,175 @@ def test_both_workloads_by_default(tmp_path: Path) -> None:
     results = _results(tmp_path / "results.csv")
     assert ("synthetic", "Mean", "hedge R2") in results
     assert ("digits", "Mean", "class accuracy") in results
+    assert ("multi-digits", "Mean", "right accuracy") in results
+    assert ("mnist1d", "Mean", "noise R2") in results
+    assert ("many-tasks", "Mean", "shear>p95 accuracy") in results
+    assert ("many-tasks", "Mean", "mean_rank") in results
     assert {p.name for p in tmp_path.glob("*.png")} == {
         "synthetic.png",
         "digits.png",
+        "multi-digits.png",
+        "mnist1d.png",
+        "many-tasks.png",
         "summary.png",
     }
+    report = (tmp_path / "results.md").read_text()
+    assert "- many-tasks: MNIST-1D, Greydanus & Kobak" in report  # the sources, cited
+    assert "- multi-digits: the MultiMNIST construction of Sener & Koltun" in report
+    assert "| mean accuracy (40 tasks) |" in report
+
+
+class _TrainingStartedError(Exception):
+    """Raised instead of training: carries the jobs the command would have run."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        super().__init__()
+        self.jobs = jobs
+
+
+def _jobs_of(arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> list[Job]:
+    """The jobs ``torchjd-golden compare`` with ``arguments`` would run, none of them run."""
+
+    def started(jobs: list[Job], *_arguments: object, **_keywords: object) -> list[Run]:
+        raise _TrainingStartedError(list(jobs))
+
+    monkeypatch.setattr(_cli, "_run", started)
+    with pytest.raises(_TrainingStartedError) as started_info:
+        main(["compare", *arguments, "--no-progress"])
+    return started_info.value.jobs
+
+
+@pytest.mark.parametrize(
+    ("arguments", "workloads"),
+    [
+        ([], ["synthetic", "digits", "multi-digits", "mnist1d", "many-tasks"]),
+        (["--workloads", "mnist1d, digits,mnist1d"], ["mnist1d", "digits"]),
+        (["--workloads", "many-tasks"], ["many-tasks"]),
+        (["--workload", "multi-digits"], ["multi-digits"]),  # the earlier option still works
+        (["--workload", "all"], ["synthetic", "digits", "multi-digits", "mnist1d", "many-tasks"]),
+    ],
+)
+def test_workloads_option(
+    arguments: list[str], workloads: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = _jobs_of(["--methods", "mean", *arguments], monkeypatch)
+    assert list(dict.fromkeys(job.workload for job in jobs)) == [
+        w for w in sorted(workloads, key=lambda w: -len(load_workload(w, 0).tasks))
+    ]  # the workloads with the most tasks first, so that the longest runs start first
+    assert {job.workload for job in jobs} == set(workloads)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "steps", "seeds"),
+    [
+        ([], 300, 2),
+        (["--quick"], 150, 1),
+        (["--quick", "--steps", "40"], 40, 1),
+        (["--quick", "--seeds", "3"], 150, 3),
+    ],
+)
+def test_quick_takes_fewer_steps_and_seeds(
+    arguments: list[str], steps: int, seeds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = _jobs_of(["--methods", "mean", "--workloads", "digits", *arguments], monkeypatch)
+    assert {job.steps for job in jobs} == {steps}
+    assert {job.seed for job in jobs} == set(range(seeds))
+    assert len(jobs) == seeds * (1 + 3)  # Mean and the 3 baselines per seed
+
+
+def test_the_default_run_leaves_nash_mtl_out_of_many_tasks_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    jobs = _jobs_of(["--workloads", "mnist1d,many-tasks", "--seeds", "1"], monkeypatch)
+    on = {w: {job.method for job in jobs if job.workload == w} - {None} for w in WORKLOADS}
+    assert on["mnist1d"] == set(DEFAULT_METHODS)
+    assert on["many-tasks"] == set(DEFAULT_METHODS) - {"nash_mtl"}
+    assert jobs[0].method == "nash_mtl"  # the slowest first
+    # Named in --methods, it runs there too.
+    jobs = _jobs_of(["--workloads", "many-tasks", "--methods", "nash_mtl"], monkeypatch)
+    assert {job.method for job in jobs} == {"nash_mtl", None}
+
+
+@pytest.mark.parametrize(
+    ("sources", "expected"),
+    [
+        (None, {"parameters": set(DEFAULT_METHODS)}),
+        (
+            "parameters,features",
+            {
+                "parameters": set(DEFAULT_METHODS),
+                "features": {"golden_pendulum", "gaba", "upgrad"},  # the Gramian weightings
+            },
+        ),
+        ("features", {"features": {"golden_pendulum", "gaba", "upgrad"}}),
+    ],
+)
+def test_gramian_from_runs_each_gramian_weighting_from_the_features_too(
+    sources: str | None, expected: dict[str, set[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    option = [] if sources is None else ["--gramian-from", sources]
+    jobs = _jobs_of(["--workloads", "synthetic", "--seeds", "1", *option], monkeypatch)
+    ran: dict[str, set[str]] = {}
+    for job in jobs:
+        if job.method is not None:
+            ran.setdefault(job.gramian_from, set()).add(job.method)
+    assert ran == expected
+    baselines = [job for job in jobs if job.task is not None]
+    assert len(baselines) == 4
+    assert {job.gramian_from for job in baselines} == {"parameters"}
+
+
+def test_both_sources_side_by_side_in_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(
+        [
+            "compare",
+            "--methods",
+            "upgrad,excess_mtl",
+            "--workloads",
+            "synthetic",
+            "--gramian-from",
+            "parameters,features",
+            "--steps",
+            "6",
+            "--seeds",
+            "2",
+            "--jobs",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    printed = capsys.readouterr().out
+    results, runs = _results(tmp_path / "results.csv"), _runs(tmp_path / "runs.csv")
+    assert ("synthetic", "UPGrad (features)", "delta_m_percent") in results
+    assert not [key for key in results if key[1] == "ExcessMTL (features)"]
+    # Each source's Δm% is the mean of its seeds', and the two differ (not one run twice).
+    exact, fast = (
+        torch.tensor([runs[("synthetic", label, s, "delta_m_percent")] for s in (0, 1)])
+        for label in ("UPGrad", "UPGrad (features)")
+    )
+    assert not torch.equal(exact, fast)
+    (line,) = [row for row in printed.splitlines() if row.startswith("| synthetic | UPGrad |")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[2] == f"{float(exact.mean()):+.2f} ± {float(exact.std()):.2f}"
+    assert cells[3] == f"{float(fast.mean()):+.2f} ± {float(fast.std()):.2f}"
+    assert cells[4] == f"{float(fast.mean()) - float(exact.mean()):+.2f}"
+    ms = {
+        label: results[("synthetic", label, "ms_per_step")][0]
+        for label in ("UPGrad", "UPGrad (features)")
+    }
+    assert cells[5:] == [
+        f"{ms['UPGrad']:.1f}",
+        f"{ms['UPGrad (features)']:.1f}",
+        f"{ms['UPGrad'] / ms['UPGrad (features)']:.2f}x",
+    ]
+    assert "Without a (features) row, as they weight the Jacobian itself" in printed
+    assert "task k's gradient with respect to the trunk's output" in printed
+    # One line of settings per method, not one more for its (features) row.
+    assert printed.count("- UPGrad: `UPGrad(") == 1
 
 
 def _one_task(workload: Workload, index: int) -> Workload:
@@ -203,6 +367,16 @@ def test_the_settings_of_the_fair_comparison() -> None:
     assert build_method("gcond", synthetic, 300).settings.adam_betas == (0.0, 0.95)
     assert build_method("mean", synthetic, 300).settings.adam_betas == (0.9, 0.999)
     assert build_method("MGDA", synthetic, 300).settings.source.startswith("its class's defaults")
+
+
+def test_mean_ranks_by_hand() -> None:
+    tasks = (Task("a", "binary"), Task("b", "binary"))
+    metrics = [{"a": 0.9, "b": 0.5}, {"a": 0.8, "b": 0.5}, {"a": 0.7, "b": 0.6}]
+    # Task a ranks the methods 1, 2, 3; task b ranks the third first and ties the others for
+    # the ranks 2 and 3, 2.5 each.
+    assert mean_ranks(metrics, tasks) == pytest.approx([(1 + 2.5) / 2, (2 + 2.5) / 2, (3 + 1) / 2])
+    assert mean_ranks([{"a": 0.3, "b": 0.1}] * 4, tasks) == pytest.approx([2.5] * 4)
+    assert mean_ranks([{"a": 0.3, "b": 0.1}], tasks) == pytest.approx([1.0])
 
 
 ROW_NORMS = torch.tensor([8.0, 1.0, 1.0, 2.0])
@@ -276,8 +450,10 @@ def test_the_report_checks_the_paper_and_explains_a_collapse(
     assert "| GoldenPendulum | 0.018 / 0.100 | 0.218 / 0.150 | 0.436 / 0.300 | 0.327 / 0.450 |" in (
         report
     )
-    assert "ExcessMTL collapses onto 'ranking' on synthetic (largest weight 0.97): ExcessMTL" in (
-        report
+    # Its weight 0.97 on the ranking task, whose gradient is the largest, is 0.995 of the update.
+    assert (
+        "ExcessMTL collapses onto 'ranking' on synthetic (largest weight 0.97, share of the "
+        "update 0.99): ExcessMTL" in report
     )
     assert "| single-task baselines | 0.500 ± 0.000 |" in report
     assert "| +50.00 ± 0.00 |" in report  # ((0.9 + 0.8 + 0.7 + 0.6) / 4 - 0.5) / 0.5
@@ -376,6 +552,102 @@ def test_a_method_without_weights_shows_a_dash_in_its_figure() -> None:
     assert texts.count("—\nno task weights") == 2  # its weights' and its shares' panels
 
 
+TWELVE = tuple(Task(f"t{k}", "binary") for k in range(12))
+"""More tasks than the tables give a column each."""
+
+
+def _twelve_tasks() -> Workload:
+    inputs, targets = torch.zeros(5, 2), torch.zeros(5, 12)
+    return Workload("twelve", "12 binary tasks", TWELVE, inputs, targets, inputs, targets, "here")
+
+
+def _twelve_task_runs(seed: int) -> list[Run]:
+    steps = 10
+    # UPGrad beats Mean on 10 tasks of 12 and ties on the last two.
+    upgrad = {t.name: 0.9 if k < 10 else 0.8 for k, t in enumerate(TWELVE)}
+    weights = torch.full((12,), 0.79 / 10)
+    weights[4], weights[7] = 0.2, 0.01
+    runs = []
+    for method, metrics, applied in (
+        ("mean", dict.fromkeys(upgrad, 0.8), torch.full((12,), 1 / 12)),
+        ("upgrad", upgrad, weights),
+    ):
+        runs.append(
+            Run(
+                job=Job("twelve", seed, steps, method=method),
+                metrics=metrics,
+                seconds_per_step=0.001,
+                losses=torch.ones(steps, 12),
+                weights=applied.expand(steps, 12),
+                shares=update_shares(applied, torch.ones(12)).expand(steps, 12),
+            )
+        )
+    for k, task in enumerate(TWELVE):
+        runs.append(
+            Run(
+                job=Job("twelve", seed, steps, task=k),
+                metrics={task.name: 0.8},
+                seconds_per_step=0.001,
+                losses=torch.ones(steps, 1),
+                weights=None,
+                shares=None,
+            )
+        )
+    return runs
+
+
+def test_a_workload_with_many_tasks_gets_compact_tables_and_a_figure_without_legend() -> None:
+    synthetic, twelve = load_workload("synthetic", 0), _twelve_tasks()
+    methods = {
+        "synthetic": [build_method("nash_mtl", synthetic, 10)],
+        "twelve": [build_method(name, twelve, 10) for name in ("mean", "upgrad")],
+    }
+    runs = [_fake_run("nash_mtl", seed, [0.1, 0.2, 0.3, 0.4], None) for seed in (0, 1)]
+    runs += [_fake_run(None, seed, None, task) for task in range(4) for seed in (0, 1)]
+    runs += [run for seed in (0, 1) for run in _twelve_task_runs(seed)]
+    summaries = summarize([synthetic, twelve], methods, runs)
+    report = markdown_report(summaries, steps=10, jobs=1)
+
+    assert "| method | mean accuracy (12 tasks) | Δm% vs single-task | mean rank |" in report
+    # (10 x 0.9 + 2 x 0.8) / 12; 100 x 10 x 0.1 / 0.8 / 12; ranks (10 x 1 + 2 x 1.5) / 12.
+    assert "| UPGrad | 0.883 ± 0.000 | +10.42 ± 0.00 | 1.08 ± 0.00 |" in report
+    assert "| Mean | 0.800 ± 0.000 | +0.00 ± 0.00 | 1.92 ± 0.00 |" in report
+    assert "| t0 w / s |" not in report
+    assert "| UPGrad | 0.200 (t4) | 0.010 (t7) | 0.200 (t4) | 0.010 (t7) |" in report
+    assert "| Mean | 0.083 (every task) | 0.083 (every task) | 0.083 (every task) |" in report
+    assert "- On twelve (12 tasks) the tables give each metric's mean over the tasks" in report
+    assert (
+        "- NashMTL (solve every 20 steps) is left out of twelve (12 tasks) in the default run: "
+        "each of its solves" in report
+    )
+    assert "| ranking w / s |" in report  # synthetic's four tasks keep a column each
+
+    plt = _pyplot()
+    figure = _workload_figure(plt, [s for s in summaries if s.workload.name == "twelve"])
+    title = " ".join(text.get_text().replace("\n", " ") for text in figure.texts)
+    curves = [len(axis.lines) for axis in figure.axes]
+    colours = {str(line.get_color()) for axis in figure.axes for line in axis.lines}
+    legends = len(figure.legends)
+    plt.close(figure)
+    assert legends == 0  # twelve entries would hide the title
+    assert "one curve per task" in title
+    assert curves == [12] * 6  # weights, shares and losses of each of the two methods
+    assert len(colours) == 12
+
+
+def test_a_large_weight_on_a_small_gradient_is_not_a_collapse() -> None:
+    """Golden Pendulum's weights on the raw gradients: the share of the update tells."""
+
+    workload = load_workload("synthetic", 0)
+    methods = {"synthetic": [build_method("excess_mtl", workload, 10)]}
+    # 0.95 on the classification (norm 1), 0.04 on the ranking (norm 8): shares 0.74 and 0.25.
+    runs = [_fake_run("excess_mtl", seed, [0.04, 0.95, 0.005, 0.005], None) for seed in (0, 1)]
+    runs += [_fake_run(None, seed, None, task) for task in range(4) for seed in (0, 1)]
+    report = markdown_report(summarize([workload], methods, runs), steps=10, jobs=1)
+    assert "| ExcessMTL | 0.040 / 0.249 | 0.950 / 0.739 |" in report
+    assert "collapses" not in report
+
+
 def test_an_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--methods", "golden_pendulum,nope", "--steps", "2", "--no-progress"])
@@ -392,8 +664,14 @@ def test_an_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
         ["--methods", " , "],
         ["--methods", "mean,Mean"],  # one method twice, under two names
         ["--workload", "mnist"],
+        ["--workloads", "digits,mnist"],
+        ["--workloads", " , "],
+        ["--workload", "digits", "--workloads", "digits"],
         ["--device", "nope"],
         ["--methods", "cagrad"],  # a required argument the command cannot choose
+        ["--gramian-from", "feature"],
+        ["--gramian-from", " , "],
+        ["--methods", "mean,gcond", "--gramian-from", "features"],  # no Gramian weighting
     ],
 )
 def test_bad_options_are_usage_errors(arguments: list[str]) -> None:
@@ -464,7 +742,7 @@ def test_importing_the_package_imports_no_optional_dependency() -> None:
         """
         import sys
         import torchjd_golden, torchjd_golden.compare
-        print(sorted({"matplotlib", "sklearn", "yaml", "omegaconf"} & set(sys.modules)))
+        print(sorted({"matplotlib", "sklearn", "yaml", "omegaconf", "mnist1d"} & set(sys.modules)))
         """
     )
     assert loaded.stdout.strip() == "[]", loaded.stderr
@@ -475,6 +753,7 @@ def test_importing_the_package_imports_no_optional_dependency() -> None:
     [
         (("matplotlib", "sklearn", "tqdm"), [], "needs matplotlib, scikit-learn and tqdm,"),
         (("sklearn",), ["--no-progress"], "needs scikit-learn,"),
+        (("mnist1d",), ["--no-progress", "--workloads", "many-tasks"], "needs mnist1d,"),
         (
             ("cvxpy",),
             ["--workload", "synthetic", "--methods", "mean,nash_mtl"],

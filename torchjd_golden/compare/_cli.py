@@ -16,19 +16,35 @@ from typing import NoReturn
 
 import torch
 
-from ._methods import DEFAULT_METHODS, Method, build_method
+from ..step import GramianSource
+from ._methods import (
+    DEFAULT_METHODS,
+    GRAMIAN_SOURCES,
+    NASH_MTL_DEFAULT_MAX_TASKS,
+    Method,
+    build_method,
+    weights_the_gramian,
+)
 from ._plots import write_plots
 from ._report import markdown_report, write_csv
 from ._summary import summarize
-from ._training import Job, Run, load_workload, run_job
-from ._workloads import WORKLOADS
+from ._training import Job, Run, load_workload, run_job, start_worker
+from ._workloads import WORKLOADS, Workload
 
 INSTALL_HINT = "pip install 'torchjd-golden[compare]'"
 
 # The modules of the ``compare`` extra, by the name pip knows them under.
 _PLOTS = {"matplotlib": "matplotlib"}
-_DIGITS = {"scikit-learn": "sklearn"}
 _PROGRESS = {"tqdm": "tqdm"}
+_WORKLOAD_MODULES = {
+    "digits": {"scikit-learn": "sklearn"},
+    "multi-digits": {"scikit-learn": "sklearn"},
+    "mnist1d": {"mnist1d": "mnist1d"},
+    "many-tasks": {"mnist1d": "mnist1d"},
+}
+
+STEPS, QUICK_STEPS = 300, 150
+SEEDS, QUICK_SEEDS = 2, 1
 
 _COMPARE_HELP = """\
 Train one small multi-task model per method, workload and seed, and the single-task baselines,
@@ -43,9 +59,20 @@ listed under the tables.
 Writes results.md, results.csv, runs.csv (one row per seed), a figure per workload and
 summary.png into the output folder, and prints the tables.
 
-Workloads: "synthetic" has four heads whose losses differ by about 300x (the setting of the
-Golden Pendulum paper); "digits" is scikit-learn's bundled 8x8 digits as three tasks (class,
-parity, size), so nothing is downloaded.
+Workloads (nothing is downloaded): "synthetic" has four heads whose losses differ by about 300x
+(the setting of the Golden Pendulum paper); "digits" is scikit-learn's bundled 8x8 digits as
+three tasks (class, parity, size); "multi-digits" overlays two of those digits as MultiMNIST does
+(Sener & Koltun, 2018) and classifies the left and the right one; "mnist1d" is MNIST-1D, made by
+the mnist1d package, as its class and three latent variables of its generator (shift, shear,
+noise level), whose losses start 5x10^5 apart; "many-tasks" is 40 binary attributes of
+MNIST-1D, as CelebA has 40. Each method's mean rank over the tasks is beside its Delta_m%.
+
+Every method trains through torchjd_golden.JacobianDescent with the weights from the Jacobian of
+the trunk's parameters (gramian_from="parameters", the exact method). With --gramian-from
+parameters,features each method that weights the Gramian (Golden Pendulum, GABA, UPGrad, ...)
+runs a second time with the weights from the Gramian of the tasks' gradients with respect to the
+trunk's output (its row "<method> (features)"), and a table under the others sets the two side by
+side: what the fast step costs in Delta_m% and saves in time per step.
 """
 
 
@@ -65,22 +92,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
         help="comma-separated aggregator names, any that aggregator_from_config knows "
-        "(default: %(default)s)",
+        f"(default: {','.join(DEFAULT_METHODS)}, NashMTL only on workloads of at most "
+        f"{NASH_MTL_DEFAULT_MAX_TASKS} tasks)",
+    )
+    chosen = compare.add_mutually_exclusive_group()
+    chosen.add_argument(
+        "--workloads",
+        help=f"comma-separated workloads, any of {','.join(WORKLOADS)} (default: all of them)",
+    )
+    chosen.add_argument(
+        "--workload",
+        choices=[*WORKLOADS, "all"],
+        help="one workload, or all of them (--workloads names several)",
     )
     compare.add_argument(
-        "--workload", choices=[*WORKLOADS, "all"], default="all", help="default: %(default)s"
+        "--quick",
+        action="store_true",
+        help=f"a first look: {QUICK_SEEDS} seed and {QUICK_STEPS} steps unless --seeds or "
+        "--steps say otherwise",
     )
     compare.add_argument(
-        "--steps", type=int, default=300, help="training steps per run (default: %(default)s)"
+        "--steps",
+        type=int,
+        help=f"training steps per run (default: {STEPS}, {QUICK_STEPS} with --quick)",
     )
     compare.add_argument(
         "--seeds",
         type=int,
-        default=3,
         help="number of seeds, 0 to N-1, each a data split, initialisation and batch order "
-        "(default: %(default)s)",
+        f"(default: {SEEDS}, {QUICK_SEEDS} with --quick)",
     )
     compare.add_argument(
         "--jobs",
@@ -88,6 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=_available_cpus(),
         help="runs trained at a time, each in its own process with one thread "
         "(default: the CPUs available, %(default)s)",
+    )
+    compare.add_argument(
+        "--gramian-from",
+        default="parameters",
+        help="comma-separated sources of the weights, parameters (exact, every method) and "
+        "features (the feature Gramian, the methods that weight the Gramian only) "
+        "(default: %(default)s)",
     )
     compare.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     compare.add_argument(
@@ -98,35 +146,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument("--no-progress", action="store_true", help="no progress bar")
     arguments = parser.parse_args(argv)
-
-    for option in ("steps", "seeds", "jobs"):
-        if getattr(arguments, option) < (2 if option == "steps" else 1):
-            compare.error(f"--{option} is too small: {getattr(arguments, option)}")
-    names = list(dict.fromkeys(n.strip() for n in arguments.methods.split(",") if n.strip()))
-    if not names:
-        compare.error("--methods names no method")
-    problem = _device_problem(arguments.device) or _output_problem(arguments.output)
-    if problem:
-        compare.error(problem)
-    workload_names = list(WORKLOADS) if arguments.workload == "all" else [arguments.workload]
-    _require(
-        _PLOTS
-        | (_DIGITS if "digits" in workload_names else {})
-        | ({} if arguments.no_progress else _PROGRESS)
-    )
+    names, workload_names, sources = _checked_options(compare, arguments)
+    modules = dict(_PLOTS)
+    for name in workload_names:
+        modules |= _WORKLOAD_MODULES.get(name, {})
+    _require(modules | ({} if arguments.no_progress else _PROGRESS))
 
     workloads = [load_workload(name, 0) for name in workload_names]
     methods: dict[str, list[Method]] = {}
     for workload in workloads:
         try:
-            methods[workload.name] = [build_method(n, workload, arguments.steps) for n in names]
+            methods[workload.name] = [
+                build_method(name, workload, arguments.steps, gramian_from=source)
+                for name in names
+                for source in sources
+                if source == "parameters" or _weights_the_gramian(name, workload)
+            ]
         except ValueError as error:
             compare.error(str(error))
         except ImportError:  # torchjd's NashMTL without its solver
             _exit_missing(["cvxpy"], for_what=" for NashMTL")
+        if not methods[workload.name]:
+            compare.error(
+                "--gramian-from features needs a method that weights the Gramian: "
+                f"{', '.join(names)} weight the Jacobian itself"
+            )
         labels = [method.label for method in methods[workload.name]]
         if len(set(labels)) < len(labels):
             compare.error(f"--methods names one method twice: {', '.join(labels)}")
+        if arguments.methods is None:
+            methods[workload.name] = [
+                m for m in methods[workload.name] if m.settings.in_default_run(workload)
+            ]
 
     jobs = _jobs(methods, arguments)
     start = time.perf_counter()
@@ -143,6 +194,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report)
     print(f"{len(jobs)} runs in {elapsed:.0f} s. Wrote {', '.join(str(p) for p in written)}.")
     return 0
+
+
+def _checked_options(
+    compare: argparse.ArgumentParser, arguments: argparse.Namespace
+) -> tuple[list[str], list[str], list[GramianSource]]:
+    """
+    The method and the workload names and the sources of the weights the options give, with
+    ``--quick``'s steps and seeds filled in; a usage error, before any run, for an option that
+    cannot work.
+    """
+
+    if arguments.steps is None:
+        arguments.steps = QUICK_STEPS if arguments.quick else STEPS
+    if arguments.seeds is None:
+        arguments.seeds = QUICK_SEEDS if arguments.quick else SEEDS
+
+    for option in ("steps", "seeds", "jobs"):
+        if getattr(arguments, option) < (2 if option == "steps" else 1):
+            compare.error(f"--{option} is too small: {getattr(arguments, option)}")
+    given = ",".join(DEFAULT_METHODS) if arguments.methods is None else arguments.methods
+    names = list(dict.fromkeys(n.strip() for n in given.split(",") if n.strip()))
+    if not names:
+        compare.error("--methods names no method")
+    problem = _device_problem(arguments.device) or _output_problem(arguments.output)
+    if problem:
+        compare.error(problem)
+    workload_names = _workload_names(arguments)
+    if isinstance(workload_names, str):
+        compare.error(workload_names)
+    given_sources = [n.strip() for n in arguments.gramian_from.split(",") if n.strip()]
+    sources = [source for source in GRAMIAN_SOURCES if source in given_sources]
+    unknown = [source for source in given_sources if source not in GRAMIAN_SOURCES]
+    if unknown or not sources:
+        compare.error(
+            f"--gramian-from {arguments.gramian_from!r}: choose from {', '.join(GRAMIAN_SOURCES)}"
+        )
+    return names, workload_names, sources
+
+
+def _weights_the_gramian(name: str, workload: Workload) -> bool:
+    """Whether the method ``name`` has a step from the feature Gramian."""
+
+    return weights_the_gramian(build_method(name, workload, STEPS).aggregator)
+
+
+def _workload_names(arguments: argparse.Namespace) -> list[str] | str:
+    """The workloads to run, in the order named, or why the options name none."""
+
+    if arguments.workload is not None:
+        return list(WORKLOADS) if arguments.workload == "all" else [arguments.workload]
+    if arguments.workloads is None:
+        return list(WORKLOADS)
+    names = list(dict.fromkeys(n.strip() for n in arguments.workloads.split(",") if n.strip()))
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown:
+        return (
+            f"--workloads names an unknown workload {unknown[0]!r}: choose from "
+            f"{', '.join(WORKLOADS)}"
+        )
+    return names or "--workloads names no workload"
 
 
 def _device_problem(name: str) -> str | None:
@@ -203,17 +314,29 @@ def _exit_missing(packages: Sequence[str], for_what: str = "") -> NoReturn:
 
 
 def _jobs(methods: dict[str, list[Method]], arguments: argparse.Namespace) -> list[Job]:
-    """Every run of the comparison, the slowest (NashMTL's solver) first, the baselines last."""
+    """
+    Every run of the comparison, longest first so that the workers finish together: the slowest
+    methods (NashMTL's solver), then the others on the workloads with the most tasks, the
+    baselines last.
+    """
 
     common = {"steps": arguments.steps, "device": arguments.device}
     jobs = []
+    n_tasks = {name: len(load_workload(name, 0).tasks) for name in methods}
     for workload_name, of_workload in methods.items():
-        n_tasks = len(load_workload(workload_name, 0).tasks)
         for seed in range(arguments.seeds):
-            jobs += [Job(workload_name, seed, method=m.name, **common) for m in of_workload]
-            jobs += [Job(workload_name, seed, task=k, **common) for k in range(n_tasks)]
+            jobs += [
+                Job(workload_name, seed, method=m.name, gramian_from=m.gramian_from, **common)
+                for m in of_workload
+            ]
+            jobs += [
+                Job(workload_name, seed, task=k, **common) for k in range(n_tasks[workload_name])
+            ]
     slow = {m.name for of_workload in methods.values() for m in of_workload if m.settings.slow}
-    return sorted(jobs, key=lambda job: (job.method not in slow, job.task is not None))
+    return sorted(
+        jobs,
+        key=lambda job: (job.method not in slow, job.task is not None, -n_tasks[job.workload]),
+    )
 
 
 def _run(jobs: Sequence[Job], workers: int, progress: bool) -> list[Run]:
@@ -227,8 +350,10 @@ def _run(jobs: Sequence[Job], workers: int, progress: bool) -> list[Run]:
         # Fresh interpreters ("spawn"): forking a process that holds torch's thread pools can
         # deadlock, and the runs must not depend on what this process did before.
         context = multiprocessing.get_context("spawn")
+        # Built here once: the workers neither import their packages nor make their data again.
+        workloads = {(j.workload, j.seed): load_workload(j.workload, j.seed) for j in jobs}
         with ProcessPoolExecutor(
-            workers, context, initializer=torch.set_num_threads, initargs=(1,)
+            workers, context, initializer=start_worker, initargs=(workloads,)
         ) as pool:
             futures = [pool.submit(run_job, job) for job in jobs]
             return [_then(advance, future.result()) for future in as_completed(futures)]

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torchjd.aggregation import Aggregator
 
 from ..config import _lookup, aggregator_from_config
+from ..step import GramianSource
+from ..step._sharded import gramian_weighting_of
 from ._workloads import Workload
 
 ADAM_BETAS = (0.9, 0.999)
@@ -24,7 +27,15 @@ BATCH_SIZE = 64
 
 DEFAULT_METHODS = ("golden_pendulum", "gaba", "excess_mtl", "gcond", "mean", "upgrad", "nash_mtl")
 
+GRAMIAN_SOURCES: tuple[GramianSource, ...] = ("parameters", "features")
+"""
+Where the training step takes the weights from (:class:`~torchjd_golden.JacobianDescent`'s
+``gramian_from``): the Jacobian of the trunk's parameters (exact, every method), or the Gramian of
+the tasks' gradients with respect to the trunk's output (fast, the Gramian weightings only).
+"""
+
 NASH_MTL_UPDATE_EVERY = 20
+NASH_MTL_DEFAULT_MAX_TASKS = 10
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,20 @@ class Settings:
 
     slow: bool = False
     """Whether its runs take several times longer than the others' (they are started first)."""
+
+    default_max_tasks: int | None = None
+    """
+    The most tasks of a workload the default run (no ``--methods``) trains it on; it runs on
+    any workload when ``--methods`` names it.
+    """
+
+    left_out_reason: str = ""
+    """Why the default run leaves it out above ``default_max_tasks``, in one sentence."""
+
+    def in_default_run(self, workload: Workload) -> bool:
+        """Whether the default run trains the method on ``workload``."""
+
+        return self.default_max_tasks is None or len(workload.tasks) <= self.default_max_tasks
 
 
 def _excess_mtl_keywords(workload: Workload, steps: int) -> dict[str, Any]:
@@ -99,6 +124,13 @@ SETTINGS: dict[str, Settings] = {
         keywords=_nash_mtl_keywords,
         label_suffix=f" (solve every {NASH_MTL_UPDATE_EVERY} steps)",
         slow=True,
+        default_max_tasks=NASH_MTL_DEFAULT_MAX_TASKS,
+        left_out_reason=(
+            "each of its solves runs 20 convex problems in m variables, and with 40 tasks its "
+            "step is the slowest of the comparison (39 to 46 ms against Mean's 11 to 20, "
+            "measured on many-tasks under different loads): its runs there would add a sixth "
+            "to the default run's time. --methods naming nash_mtl runs it there."
+        ),
     ),
 }
 
@@ -121,20 +153,33 @@ class Method:
     label: str
     aggregator: Aggregator
     settings: Settings
+    gramian_from: GramianSource = "parameters"
+    """Where its training step takes the weights from; "features" rows say so in their label."""
 
 
 def build_method(
-    name: str, workload: Workload, steps: int, device: torch.device | None = None
+    name: str,
+    workload: Workload,
+    steps: int,
+    device: torch.device | None = None,
+    gramian_from: GramianSource = "parameters",
 ) -> Method:
     """
     A fresh aggregator for ``name`` (any :func:`~torchjd_golden.aggregator_from_config` name)
-    with its comparison settings for ``workload`` and a run of ``steps`` steps; a tensor it is
-    given (Constant's weights) is created on ``device`` (default: the CPU).
+    with its comparison settings for ``workload`` and a run of ``steps`` steps, trained with the
+    weights from ``gramian_from``; a tensor it is given (Constant's weights) is created on
+    ``device`` (default: the CPU).
 
-    :raises ValueError: For a name ``aggregator_from_config`` does not know, or a class with a
-        required argument the comparison cannot choose.
+    :raises ValueError: For a name ``aggregator_from_config`` does not know, a class with a
+        required argument the comparison cannot choose, or ``gramian_from="features"`` with a
+        method that weights the Jacobian itself.
     :raises ImportError: For a method whose optional dependencies are missing (NashMTL).
     """
+
+    if gramian_from not in GRAMIAN_SOURCES:
+        raise ValueError(
+            f"Parameter `gramian_from` must be one of {GRAMIAN_SOURCES}. Found {gramian_from!r}."
+        )
 
     required = _required_arguments(name, len(workload.tasks), device or torch.device("cpu"))
     plain = aggregator_from_config({"name": name, **required})
@@ -143,12 +188,37 @@ def build_method(
     aggregator = (
         aggregator_from_config({"name": name, **required, **keywords}) if keywords else plain
     )
+    if gramian_from == "features" and not weights_the_gramian(aggregator):
+        raise ValueError(
+            f"{aggregator} weights the Jacobian itself, not its Gramian: it has no step from the "
+            "feature Gramian (gramian_from='features')."
+        )
+    mode = " (features)" if gramian_from == "features" else ""
     return Method(
         name=name,
-        label=str(aggregator) + settings.label_suffix,
+        label=str(aggregator) + settings.label_suffix + mode,
         aggregator=aggregator,
         settings=settings,
+        gramian_from=gramian_from,
     )
+
+
+def weights_the_gramian(aggregator: Aggregator) -> bool:
+    """
+    Whether ``aggregator`` only weights the Gramian of the rows, so that the training step can
+    give it the feature Gramian instead (the engine's own test).
+    """
+
+    return gramian_weighting_of(aggregator) is not None
+
+
+def gramian_weighting(aggregator: Aggregator) -> nn.Module:
+    """The weighting ``aggregator`` applies to the Gramian (that of a Gramian weighting only)."""
+
+    weighting = gramian_weighting_of(aggregator)
+    if weighting is None:
+        raise ValueError(f"{aggregator} weights the Jacobian itself, not its Gramian.")
+    return weighting
 
 
 def _required_arguments(name: str, m: int, device: torch.device) -> dict[str, Any]:

@@ -9,6 +9,7 @@ figure. A method that applies no task weights shows a dash in their panels.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,11 @@ PANELS = ("task weight", "share of update", "training loss")
 """The panels of each method in a workload's figure, top to bottom."""
 COMPACT_WIDTH_INCHES = 8.0
 COMPACT_DPI = 150
+TITLE_CHARACTERS_PER_INCH = 14
+"""How many characters of a figure's title fit on an inch of its width, at its font size."""
+LEGEND_TASKS = 10
+"""Up to this many tasks, each has a colour of its own, a band and a legend entry; beyond,
+the tasks are coloured along a colour map, without bands (they would hide each other)."""
 
 
 def write_plots(summaries: Sequence[Summary], directory: Path) -> list[Path]:
@@ -94,7 +100,12 @@ def _workload_figure(plt: Any, rows: Sequence[Summary]) -> Any:
         _fractions(weight_axis, summary.weights, len(tasks))
         _fractions(share_axis, summary.shares, len(tasks))
         for k in range(len(tasks)):
-            _mean_and_band(loss_axis, summary.losses[:, :, k], f"C{k}")
+            _mean_and_band(
+                loss_axis,
+                summary.losses[:, :, k],
+                _colour(k, len(tasks)),
+                band=len(tasks) <= LEGEND_TASKS,
+            )
         weight_axis.set_title(summary.label, fontsize=10)
         loss_axis.set_yscale("log")
         loss_axis.set_ylim(*loss_limits)
@@ -107,25 +118,34 @@ def _workload_figure(plt: Any, rows: Sequence[Summary]) -> Any:
             else:
                 axis.tick_params(labelleft=False)
             _style(axis)
-    handles = [plt.Line2D([], [], color=f"C{k}", linewidth=2) for k in range(len(tasks))]
-    figure.legend(
-        handles,
-        [f"{t.name} ({t.metric})" for t in tasks],
-        loc="upper center",
-        ncol=len(tasks),
-        fontsize=10,
-        frameon=False,
-        bbox_to_anchor=(0.5, 1.0),
-    )
-    figure.suptitle(
+    if len(tasks) <= LEGEND_TASKS:
+        handles = [
+            plt.Line2D([], [], color=_colour(k, len(tasks)), linewidth=2) for k in range(len(tasks))
+        ]
+        figure.legend(
+            handles,
+            [f"{t.name} ({t.metric})" for t in tasks],
+            loc="upper center",
+            ncol=len(tasks),
+            fontsize=10,
+            frameon=False,
+            bbox_to_anchor=(0.5, 1.0),
+        )
+        how = "band: range over seeds"
+    else:
+        how = (
+            f"one curve per task, coloured from the first ({tasks[0].name}, dark) to the last "
+            f"({tasks[-1].name}, light)"
+        )
+    title = textwrap.wrap(
         f"{baseline.workload.name}: {baseline.workload.description}. Mean over seeds "
-        f"{', '.join(map(str, baseline.seeds))} of a {SMOOTHING}-step moving average; "
-        "band: range over seeds",
-        fontsize=9,
-        y=1.0 - 0.33 / figure.get_figheight(),
+        f"{', '.join(map(str, baseline.seeds))} of a {SMOOTHING}-step moving average; {how}",
+        width=int(TITLE_CHARACTERS_PER_INCH * figure.get_figwidth()),
     )
+    title_top = 0.33 if len(tasks) <= LEGEND_TASKS else 0.1  # inches, below the legend
+    figure.suptitle("\n".join(title), fontsize=9, y=1.0 - title_top / figure.get_figheight())
     figure.subplots_adjust(
-        top=1.0 - 0.8 / figure.get_figheight(),
+        top=1.0 - (title_top + 0.16 * len(title) + 0.3) / figure.get_figheight(),
         bottom=0.5 / figure.get_figheight(),
         left=0.07,
         right=0.98,
@@ -156,7 +176,8 @@ def _compact_figure(plt: Any, rows: Sequence[Summary]) -> Any:
         _fractions(axis, summary.shares, len(tasks))
         balance = summary.statistic("share_balance")
         balance_text = "" if balance is None else f" · balance {balance.mean:.2f}"
-        axis.set_title(f"{summary.method.aggregator}{balance_text}", fontsize=9)
+        mode = " (features)" if summary.method.gramian_from == "features" else ""
+        axis.set_title(f"{summary.method.aggregator}{mode}{balance_text}", fontsize=9)
         _style(axis)
     for index, axis in enumerate(cells[: len(methods)]):
         if index % columns == 0:
@@ -166,7 +187,9 @@ def _compact_figure(plt: Any, rows: Sequence[Summary]) -> Any:
             axis.tick_params(labelbottom=True)
     legend_axis = cells[len(methods)]
     legend_axis.axis("off")
-    handles = [plt.Line2D([], [], color=f"C{k}", linewidth=2.5) for k in range(len(tasks))]
+    handles = [
+        plt.Line2D([], [], color=_colour(k, len(tasks)), linewidth=2.5) for k in range(len(tasks))
+    ]
     legend_axis.legend(
         handles,
         [t.name for t in tasks],
@@ -185,19 +208,33 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
 
 
-def _mean_and_band(axis: Any, curves: Tensor, colour: str) -> None:
-    """``curves``: seeds x steps. The mean of the smoothed curves and their range."""
+def _colour(k: int, m: int) -> Any:
+    """Task ``k``'s colour among ``m``, the same in every panel and figure."""
+
+    if m <= LEGEND_TASKS:
+        return f"C{k}"
+    from matplotlib import colormaps  # noqa: PLC0415 - an optional dependency
+
+    return colormaps["viridis"](k / (m - 1))
+
+
+def _mean_and_band(axis: Any, curves: Tensor, colour: Any, band: bool = True) -> None:
+    """
+    ``curves``: seeds x steps. The mean of the smoothed curves and, where ``band``, their
+    range.
+    """
 
     smoothed = torch.stack([_smooth(curve) for curve in curves])
     steps = torch.arange(1, smoothed.shape[1] + 1)
-    axis.fill_between(
-        steps.numpy(),
-        smoothed.min(dim=0).values.numpy(),
-        smoothed.max(dim=0).values.numpy(),
-        color=colour,
-        alpha=0.2,
-        linewidth=0,
-    )
+    if band:
+        axis.fill_between(
+            steps.numpy(),
+            smoothed.min(dim=0).values.numpy(),
+            smoothed.max(dim=0).values.numpy(),
+            color=colour,
+            alpha=0.2,
+            linewidth=0,
+        )
     axis.plot(steps.numpy(), smoothed.mean(dim=0).numpy(), color=colour, linewidth=1.4)
 
 
@@ -212,7 +249,7 @@ def _fractions(axis: Any, values: Tensor | None, m: int) -> None:
         axis.set_ylim(0.0, 1.0)
         return
     for k in range(m):
-        _mean_and_band(axis, values[:, :, k], f"C{k}")
+        _mean_and_band(axis, values[:, :, k], _colour(k, m), band=m <= LEGEND_TASKS)
     if torch.allclose(values, torch.full_like(values, 1.0 / m), atol=1e-3):
         _note(axis, "equal for every task:\nthe curves overlap")
     axis.set_ylim(min(0.0, float(values.min())), 1.0)

@@ -1,7 +1,9 @@
 r"""
 The report of ``torchjd-golden compare``, in Markdown and CSV: per workload and method, the
-numbers of :mod:`._summary` as mean and standard deviation over seeds, with the settings of every
-method and the check against the Golden Pendulum paper (its :math:`\alpha` balance).
+numbers of :mod:`._summary` (the test metrics, :math:`\Delta_m\%`, the mean rank, the applied
+weights and shares, the time per step) as mean and standard deviation over seeds, with the
+settings of every method, the source of every workload and the check against the Golden Pendulum
+paper (its :math:`\alpha` balance).
 """
 
 from __future__ import annotations
@@ -11,12 +13,21 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
 from ._methods import ADAM_BETAS, BATCH_SIZE, LEARNING_RATE, Method
-from ._summary import Statistic, Summary, settled
-from ._workloads import Workload
+from ._sources import sources_note, sources_table
+from ._summary import Statistic, Summary, metric_key, settled
+from ._workloads import Task, Workload
 
 COLLAPSE_WEIGHT = 0.9
-"""A method whose largest task weight averages at least this much has collapsed onto one task."""
+"""
+A method whose largest task weight averages at least this much, on a task whose share of the
+update does too, has collapsed onto that task. A large weight on a task whose gradient is tiny
+(Golden Pendulum's w_k = α_k / ||g_k|| where the losses differ by 10^5) is not a collapse: the
+share tells.
+"""
 
 PAPER_ALPHA_BALANCE = 0.24
 r"""Golden Pendulum's balance in its paper's table (four tasks, disparate losses): that of its QP
@@ -27,6 +38,9 @@ PAPER_NASH_BALANCE = 0.04
 
 PAPER_WORKLOAD = "synthetic"
 
+MAX_TASK_COLUMNS = 8
+"""A workload with more tasks shows their mean metric in its table, not one column per task."""
+
 
 def markdown_report(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     """The tables, one per workload, then the settings and the notes under them."""
@@ -36,6 +50,9 @@ def markdown_report(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         for workload in _workloads(summaries)
         for table in (_table, _weights_table)
     ]
+    sources = sources_table(summaries)
+    if sources is not None:
+        blocks.append(sources)
     blocks.append(_settings(summaries, steps, jobs))
     notes = [line for line in (headline_check(summaries), *_collapse_notes(summaries)) if line]
     if notes:
@@ -51,9 +68,14 @@ def _table(summaries: Sequence[Summary], workload: Workload) -> str:
     rows = [s for s in summaries if s.workload.name == workload.name]
     tasks = workload.tasks
     seeds = ", ".join(map(str, rows[0].seeds))
-    header = ["method", *(f"{t.name} ({t.metric})" for t in tasks)]
+    by_metric = _tasks_by_metric(tasks)
+    if by_metric is None:
+        header = ["method", *(f"{t.name} ({t.metric})" for t in tasks)]
+    else:
+        header = ["method", *(f"mean {metric} ({len(of)} tasks)" for metric, of in by_metric)]
     header += [
         "Δm% vs single-task",
+        "mean rank",
         "share balance s_min/s_max",
         "largest share",
         "weight balance w_min/w_max",
@@ -66,22 +88,60 @@ def _table(summaries: Sequence[Summary], workload: Workload) -> str:
         "|---" + "|---:" * (len(header) - 1) + "|",
     ]
     for s in rows:
-        cells = [s.label, *(s.metrics[t.name].format(3) for t in tasks)]
+        if by_metric is None:
+            cells = [s.label, *(s.metrics[t.name].format(3) for t in tasks)]
+        else:
+            cells = [s.label, *(_mean_metric(s, of).format(3) for _, of in by_metric)]
         cells.append("0 (reference)" if s.delta_m is None else s.delta_m.format(2, signed=True))
         cells += [
-            _cell(s.statistic(quantity))
-            for quantity in ("share_balance", "largest_share", "weight_balance")
+            _cell(s.statistic(quantity), digits)
+            for quantity, digits in (
+                ("mean_rank", 2),
+                ("share_balance", 3),
+                ("largest_share", 3),
+                ("weight_balance", 3),
+            )
         ]
         cells.append(f"{s.ms_per_step.mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _tasks_by_metric(tasks: Sequence[Task]) -> list[tuple[str, list[Task]]] | None:
+    """The tasks grouped by metric where there are too many for a column each, else None."""
+
+    if len(tasks) <= MAX_TASK_COLUMNS:
+        return None
+    groups: dict[str, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.metric, []).append(task)
+    return list(groups.items())
+
+
+def _mean_metric(summary: Summary, tasks: Sequence[Task]) -> Statistic:
+    """The mean over ``tasks`` of their test metric, per seed, then over seeds."""
+
+    per_task = torch.tensor([summary.per_seed[metric_key(t)] for t in tasks])
+    return Statistic.of(per_task.mean(dim=0).tolist())
+
+
 def _weights_table(summaries: Sequence[Summary], workload: Workload) -> str:
-    """Per method and task, the applied weight w and the share s of the update, as means."""
+    """
+    Per method and task, the applied weight w and the share s of the update, as means; for a
+    workload with too many tasks for a column each, the tasks with the largest and the smallest.
+    """
 
     rows = [s for s in summaries if s.workload.name == workload.name and s.method is not None]
-    header = ["method", *(f"{t.name} w / s" for t in workload.tasks)]
+    tasks = workload.tasks
+    many = len(tasks) > MAX_TASK_COLUMNS
+    if many:
+        header = ["method"] + [
+            f"{extreme} {kind} (task)"
+            for kind in ("weight w", "share s")
+            for extreme in ("largest", "smallest")
+        ]
+    else:
+        header = ["method", *(f"{t.name} w / s" for t in tasks)]
     lines = [
         f"Task weights w (applied, unit total) and shares s of the update on {workload.name}, "
         "mean over seeds:",
@@ -90,33 +150,59 @@ def _weights_table(summaries: Sequence[Summary], workload: Workload) -> str:
         "|---" + "|---:" * (len(header) - 1) + "|",
     ]
     for s in rows:
+        weights = [s.statistic(f"{task.name} weight") for task in tasks]
+        shares = [s.statistic(f"{task.name} share") for task in tasks]
         cells = [s.label]
-        for task in workload.tasks:
-            weight, share = s.statistic(f"{task.name} weight"), s.statistic(f"{task.name} share")
-            if weight is None or share is None:
-                cells.append("—")
-            else:
-                cells.append(f"{weight.mean:.3f} / {share.mean:.3f}")
+        if many:
+            for values in (weights, shares):
+                if any(value is None for value in values):
+                    cells += ["—", "—"]
+                    continue
+                means = torch.tensor([value.mean for value in values if value is not None])
+                cells += _extremes(means, tasks)
+        else:
+            for weight, share in zip(weights, shares, strict=True):
+                if weight is None or share is None:
+                    cells.append("—")
+                else:
+                    cells.append(f"{weight.mean:.3f} / {share.mean:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _cell(statistic: Statistic | None) -> str:
-    return "—" if statistic is None else statistic.format(3)
+def _extremes(means: Tensor, tasks: Sequence[Task]) -> list[str]:
+    """The largest and the smallest of ``means`` (one per task), each with its task's name."""
+
+    largest, smallest = (f"{float(means[k]):.3f}" for k in (means.argmax(), means.argmin()))
+    if largest == smallest:  # naming one task would suggest it stands out
+        return [f"{largest} (every task)"] * 2
+    return [
+        f"{largest} ({tasks[int(means.argmax())].name})",
+        f"{smallest} ({tasks[int(means.argmin())].name})",
+    ]
+
+
+def _cell(statistic: Statistic | None, digits: int = 3) -> str:
+    return "—" if statistic is None else statistic.format(digits)
 
 
 def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     seeds = ", ".join(map(str, summaries[0].seeds))
     lines = [
         "**Settings.** Every run: a shared MLP (64, 64) with one linear head per task, "
-        f"`mtl_backward` then `jac_to_grad` on the trunk, Adam with lr={LEARNING_RATE} and "
+        "the step engine `JacobianDescent(network, aggregator, shared=network.trunk)` "
+        "(gramian_from='parameters': torchjd's `mtl_backward` then `jac_to_grad` on the trunk), "
+        f"Adam with lr={LEARNING_RATE} and "
         f"betas={ADAM_BETAS} unless said below, batches of {BATCH_SIZE}, {steps} steps, seeds "
         f"{seeds} (the same data split, initialisation and batches for every method of a seed). "
         "Test metrics on the held-out 20%, mean ± standard deviation over seeds. Δm% is the mean "
         "over tasks of 100 (M - M_single) / M_single against the single-task baseline of the "
         "same seed (the same network with one head, trained on its task alone), as LibMTL's "
-        "count_improvement; every metric here is higher-is-better. For every method, w_k are "
-        "the weights it applied to the rows g_k of the trunk's Jacobian (those `jac_to_grad` "
+        "count_improvement; every metric here is higher-is-better. The mean rank is, per seed, "
+        "the mean over tasks of the method's rank on the task's test metric among the methods "
+        "(1 = best, ties share the mean of their ranks), then averaged over seeds. For every "
+        "method, w_k are "
+        "the weights it applied to the rows g_k of the trunk's Jacobian (those the step "
         "returns), normalised to unit total, and s_k = |w_k| ||g_k|| / sum_j |w_j| ||g_j|| is "
         "task k's share of the update; balances are min_k / max_k, and every one of these is "
         "averaged over the second half of training; — for a method that applies no weights. "
@@ -128,7 +214,8 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
     ]
     configured: dict[str, list[tuple[str, Method]]] = {}  # label: (workload, method) pairs
     for s in summaries:
-        if s.method is not None:
+        # A (features) row has the settings of the method's exact row.
+        if s.method is not None and s.method.gramian_from == "parameters":
             configured.setdefault(s.label, []).append((s.workload.name, s.method))
     for label, pairs in configured.items():
         settings = pairs[0][1].settings
@@ -143,7 +230,50 @@ def _settings(summaries: Sequence[Summary], steps: int, jobs: int) -> str:
         lines.append(
             f"- {label}: {', '.join(dict.fromkeys(reprs))}{optimizer}. Source: {settings.source}"
         )
+    lines += ["", "Workloads:", ""]
+    lines += [f"- {workload.name}: {workload.source}" for workload in _workloads(summaries)]
+    notes = [_many_tasks_note(workload) for workload in _workloads(summaries)]
+    lines += [note for note in notes if note is not None]
+    lines += _left_out_notes(summaries)
+    note = sources_note(summaries)
+    if note is not None:
+        lines += ["", "Sources of the weights:", "", note]
     return "\n".join(lines)
+
+
+def _many_tasks_note(workload: Workload) -> str | None:
+    """For a workload with too many tasks for a column each: where its tasks' numbers are."""
+
+    if len(workload.tasks) <= MAX_TASK_COLUMNS:
+        return None
+    return (
+        f"- On {workload.name} ({len(workload.tasks)} tasks) the tables give each metric's mean "
+        "over the tasks and the tasks with the largest and the smallest weight and share; "
+        "every task's metric, weight and share is in results.csv."
+    )
+
+
+def _left_out_notes(summaries: Sequence[Summary]) -> list[str]:
+    """A line for each method the default run left out of some workloads, with the reason."""
+
+    ran: dict[str, set[str]] = {}  # method name: the workloads it ran on
+    first: dict[str, Summary] = {}
+    for s in summaries:
+        if s.method is not None:
+            ran.setdefault(s.method.name, set()).add(s.workload.name)
+            first.setdefault(s.method.name, s)
+    notes = []
+    for name, workloads in ran.items():
+        method = first[name].method
+        assert method is not None
+        missing = [w for w in _workloads(summaries) if w.name not in workloads]
+        if missing and method.settings.left_out_reason:
+            where = ", ".join(f"{w.name} ({len(w.tasks)} tasks)" for w in missing)
+            notes.append(
+                f"- {first[name].label} is left out of {where} in the default run: "
+                f"{method.settings.left_out_reason}"
+            )
+    return notes
 
 
 def headline_check(summaries: Sequence[Summary]) -> str | None:
@@ -202,11 +332,15 @@ def _collapse_notes(summaries: Sequence[Summary]) -> list[str]:
         if largest.mean < COLLAPSE_WEIGHT:
             continue
         average = settled(s.weights).abs().mean(dim=(0, 1))
-        task = s.workload.tasks[int(average.argmax())].name
+        index = int(average.argmax())
+        share = s.statistic(f"{s.workload.tasks[index].name} share")
+        if share is None or share.mean < COLLAPSE_WEIGHT:
+            continue
+        task = s.workload.tasks[index].name
         reason = s.method.settings.collapse_reason or "its weighting rule drives it there."
         notes.append(
             f"{s.label} collapses onto {task!r} on {s.workload.name} (largest weight "
-            f"{largest.mean:.2f}): {reason}"
+            f"{largest.mean:.2f}, share of the update {share.mean:.2f}): {reason}"
         )
     return notes
 

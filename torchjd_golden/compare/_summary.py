@@ -1,7 +1,8 @@
 r"""
 The numbers of the report of ``torchjd-golden compare``, per workload and method over seeds:
-each task's test metric, :math:`\Delta_m\%` over the single-task baselines, the weights the
-method applied, each task's share of the update and their balance, and the time per step.
+each task's test metric, :math:`\Delta_m\%` over the single-task baselines, the method's mean
+rank over the tasks among the methods, the weights the method applied, each task's share of the
+update and their balance, and the time per step.
 
 One definition for every method: the weights :math:`w_k` are those the method applied to the
 rows :math:`g_k` of the trunk's Jacobian, normalised to :math:`\sum_k |w_k| = 1`; task
@@ -98,6 +99,22 @@ def delta_m(metrics: dict[str, float], baseline: dict[str, float], tasks: Sequen
     return 100.0 * sum(changes) / len(changes)
 
 
+def mean_ranks(metrics: Sequence[dict[str, float]], tasks: Sequence[Task]) -> list[float]:
+    """
+    Each method's mean over ``tasks`` of its rank on the task's test metric among the methods
+    (``metrics``, one dict per method): 1 for the best, as every metric here is higher-is-better;
+    tied methods share the mean of the ranks they span, so that a task's ranks always add up to
+    n (n + 1) / 2 for n methods.
+    """
+
+    table = torch.tensor([[m[t.name] for t in tasks] for m in metrics], dtype=torch.float64)
+    # [i, j, k]: whether method j beats (or ties with) method i on task k.
+    beaten_by = (table.unsqueeze(0) > table.unsqueeze(1)).sum(dim=1)
+    tied_with = (table.unsqueeze(0) == table.unsqueeze(1)).sum(dim=1) - 1
+    ranks = 1.0 + beaten_by + tied_with / 2.0
+    return ranks.mean(dim=1).tolist()
+
+
 def summarize(
     workloads: Sequence[Workload],
     methods: dict[str, list[Method]],
@@ -106,7 +123,8 @@ def summarize(
     """
     One summary per workload for its single-task baselines, then one per method, in the order
     of ``methods[workload.name]``. ``runs`` holds every job's run; Δm% compares each seed with
-    the baselines of the same seed.
+    the baselines of the same seed, and the mean rank each method with the others on the same
+    seed.
     """
 
     summaries = []
@@ -123,9 +141,25 @@ def summarize(
             for seed in seeds
         }
         summaries.append(_baseline_summary(workload, seeds, of_workload, baselines))
-        for method in methods[workload.name]:
-            by_seed = {r.job.seed: r for r in of_workload if r.job.method == method.name}
-            summaries.append(_method_summary(workload, method, seeds, by_seed, baselines))
+        by_method = [
+            {
+                r.job.seed: r
+                for r in of_workload
+                if (r.job.method, r.job.gramian_from) == (method.name, method.gramian_from)
+            }
+            for method in methods[workload.name]
+        ]
+        ranks = [  # per seed, each method's mean rank
+            mean_ranks([by_seed[seed].metrics for by_seed in by_method], workload.tasks)
+            for seed in seeds
+        ]
+        for index, (method, by_seed) in enumerate(
+            zip(methods[workload.name], by_method, strict=True)
+        ):
+            mean_rank = [of_seed[index] for of_seed in ranks]
+            summaries.append(
+                _method_summary(workload, method, seeds, by_seed, baselines, mean_rank)
+            )
     return summaries
 
 
@@ -167,6 +201,7 @@ def _method_summary(
     seeds: tuple[int, ...],
     by_seed: dict[int, Run],
     baselines: dict[int, dict[str, float]],
+    mean_rank: list[float],
 ) -> Summary:
     tasks = workload.tasks
     runs = [by_seed[s] for s in seeds]
@@ -177,6 +212,7 @@ def _method_summary(
     per_seed["delta_m_percent"] = [
         delta_m(r.metrics, baselines[s], tasks) for s, r in zip(seeds, runs, strict=True)
     ]
+    per_seed["mean_rank"] = mean_rank
     if weights is not None and shares is not None:
         per_seed |= _weight_quantities(tasks, settled(weights), settled(shares))
     if alphas is not None:

@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import Tensor, nn
-from torchjd.autojac import jac_to_grad, mtl_backward
+from torch.utils.hooks import RemovableHandle
 
-from ._methods import ADAM_BETAS, BATCH_SIZE, LEARNING_RATE, Method, build_method
+from ..step import GramianSource, JacobianDescent
+from ._methods import (
+    ADAM_BETAS,
+    BATCH_SIZE,
+    GRAMIAN_SOURCES,
+    LEARNING_RATE,
+    Method,
+    build_method,
+    gramian_weighting,
+)
 from ._workloads import WORKLOADS, Task, Workload
 
 HIDDEN = 64
@@ -24,7 +32,10 @@ HIDDEN = 64
 
 @dataclass(frozen=True)
 class Job:
-    """What to train: ``method`` (an aggregator name) or the baseline of task index ``task``."""
+    """
+    What to train: ``method`` (an aggregator name) with its weights from ``gramian_from``, or the
+    baseline of task index ``task``.
+    """
 
     workload: str
     seed: int
@@ -32,10 +43,18 @@ class Job:
     device: str = "cpu"
     method: str | None = None
     task: int | None = None
+    gramian_from: GramianSource = "parameters"
 
     def __post_init__(self) -> None:
         if (self.method is None) == (self.task is None):
             raise ValueError("A job trains either a method or a single-task baseline.")
+        if self.gramian_from not in GRAMIAN_SOURCES:
+            raise ValueError(
+                f"Parameter `gramian_from` must be one of {GRAMIAN_SOURCES}. Found "
+                f"{self.gramian_from!r}."
+            )
+        if self.task is not None and self.gramian_from != "parameters":
+            raise ValueError("A single-task baseline has one task: it has no feature Gramian.")
 
 
 @dataclass(frozen=True)
@@ -52,7 +71,7 @@ class Run:
 
     weights: Tensor | None
     r"""
-    The task weights the method applied (those ``jac_to_grad`` returned, on the rows of the
+    The task weights the method applied (those the training step returned, on the rows of the
     trunk's Jacobian) per step, normalised to unit total :math:`\sum_k |w_k| = 1`, ``steps x m``;
     None for a baseline and for a method that does not combine the rows with weights (GradDrop).
     """
@@ -60,7 +79,9 @@ class Run:
     shares: Tensor | None
     """
     Each task's share of the update per step, :func:`update_shares` of the applied weights and
-    the rows' norms, ``steps x m``; None where ``weights`` is.
+    the rows' norms, ``steps x m``; None where ``weights`` is. The rows are those the weights
+    were computed from: the tasks' gradients with respect to the trunk's parameters, or with
+    ``gramian_from="features"`` with respect to its output (the feature Gramian's rows).
     """
 
     alphas: Tensor | None = None
@@ -85,11 +106,26 @@ class MultiTaskNetwork(nn.Module):
         return features, [head(features) for head in self.heads]
 
 
-@cache
+_LOADED: dict[tuple[str, int], Workload] = {}
+"""The workloads this process has built or was given, by name and seed."""
+
+
 def load_workload(name: str, seed: int) -> Workload:
     """The workload ``name`` split with ``seed``, built once per process."""
 
-    return WORKLOADS[name](seed)
+    if (name, seed) not in _LOADED:
+        _LOADED[name, seed] = WORKLOADS[name](seed)
+    return _LOADED[name, seed]
+
+
+def start_worker(workloads: dict[tuple[str, int], Workload]) -> None:
+    """
+    Sets up a worker process: one thread, and the workloads the main process built, so that the
+    worker neither imports their packages nor makes their data again.
+    """
+
+    torch.set_num_threads(1)
+    _LOADED.update(workloads)
 
 
 def run_job(job: Job) -> Run:
@@ -100,30 +136,32 @@ def run_job(job: Job) -> Run:
     if job.task is not None:
         return _train_single_task(workload, job, job.task, device)
     assert job.method is not None
-    return _train_method(
-        workload, job, build_method(job.method, workload, job.steps, device), device
-    )
+    method = build_method(job.method, workload, job.steps, device, job.gramian_from)
+    return _train_method(workload, job, method, device)
 
 
 def _train_method(workload: Workload, job: Job, method: Method, device: torch.device) -> Run:
+    """
+    Trains ``method`` through the step engine, :class:`~torchjd_golden.JacobianDescent` on the
+    trunk, with its weights from ``job.gramian_from``.
+    """
+
+    if method.gramian_from != job.gramian_from:
+        raise ValueError(
+            f"The job asks for gramian_from={job.gramian_from!r}, the method was built for "
+            f"{method.gramian_from!r}."
+        )
     torch.manual_seed(job.seed)
     network = MultiTaskNetwork(workload.train_inputs.shape[1], workload.tasks).to(device)
     aggregator = method.aggregator.to(device)
-    if hasattr(type(aggregator), "tasks"):  # per-task state keyed by name, where supported
-        aggregator.tasks = [task.name for task in workload.tasks]  # type: ignore[assignment]
+    step = JacobianDescent(network, aggregator, shared=network.trunk, gramian_from=job.gramian_from)
     optimizer = _adam(network, method.settings.adam_betas)
     inputs, targets = workload.train_inputs.to(device), workload.train_targets.to(device)
     loss_history: list[Tensor] = []
     weight_history: list[Tensor] = []
     alpha_history: list[Tensor] = []
     norm_history: list[Tensor] = []
-
-    def read_row_norms(_aggregator: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        # The norms of the rows the aggregator combines (the square roots of its Gramian's
-        # diagonal), read from its input as it is called: no extra backward pass.
-        norm_history.append(torch.linalg.vector_norm(inputs[0].detach(), dim=1))
-
-    hook = aggregator.register_forward_pre_hook(read_row_norms)
+    hook = _row_norm_reader(step, norm_history)
 
     with warnings.catch_warnings():
         # cvxpy says at every NashMTL solve that its problem cannot be cached, and now and then
@@ -133,19 +171,18 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
         start = time.perf_counter()
         for batch in _batches(workload, job, device):
             features, outputs = network(inputs[batch])
-            losses = [
-                task.loss(output, target)
+            # By name: the engine tells a stateful method the tasks, and gives the losses to one
+            # that reads them (the adaptive Golden Pendulum).
+            losses: dict[Hashable, Tensor] = {
+                task.name: task.loss(output, target)
                 for task, output, target in zip(
                     workload.tasks, outputs, targets[batch].T, strict=True
                 )
-            ]
-            if hasattr(aggregator, "losses"):  # the adaptive Golden Pendulum's extra input
-                aggregator.losses = torch.stack(losses).detach()
-            mtl_backward(losses, features=features)
-            returned = jac_to_grad(network.trunk.parameters(), aggregator)
+            }
+            returned = step.backward(losses, features=features)
             optimizer.step()
             optimizer.zero_grad()
-            loss_history.append(torch.stack(losses).detach())
+            loss_history.append(torch.stack(list(losses.values())).detach())
             applied = applied_weights(aggregator, returned)
             # Copies: a stateful method may update the tensors it returned in place.
             if applied is not None:
@@ -169,9 +206,31 @@ def _train_method(workload: Workload, job: Job, method: Method, device: torch.de
     )
 
 
+def _row_norm_reader(step: JacobianDescent, norms: list[Tensor]) -> RemovableHandle:
+    """
+    Appends to ``norms``, at each step, the norms of the rows the weights are computed from,
+    read from the input of the call that computes them (no extra backward pass): the Jacobian
+    the aggregator is called on, or with ``"features"`` the feature Gramian its weighting is
+    called on (the norms are the square roots of its diagonal).
+    """
+
+    if step.gramian_from == "features":
+        weighting = gramian_weighting(step.aggregator)
+
+        def read_gramian(_weighting: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            norms.append(inputs[0].detach().diagonal().clamp(min=0).sqrt())
+
+        return weighting.register_forward_pre_hook(read_gramian)
+
+    def read_jacobian(_aggregator: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        norms.append(torch.linalg.vector_norm(inputs[0].detach(), dim=1))
+
+    return step.aggregator.register_forward_pre_hook(read_jacobian)
+
+
 def applied_weights(aggregator: nn.Module, returned: Tensor | None) -> Tensor | None:
     """
-    The weights a method applied to the rows of the Jacobian: those ``jac_to_grad`` returned, or
+    The weights a method applied to the rows of the Jacobian: those the step returned, or
     for GCond, whose update carries a momentum (it returns none), the weights of its resolved
     gradient before the momentum (``resolution_weights``); ``None`` for a method without.
     """
