@@ -23,9 +23,6 @@ from torchjd.linalg import Matrix, PSDMatrix
 
 from ._gramian import compute_gramian
 
-graph_leaves = get_leaf_tensors
-"""The parameters (leaves) an autograd graph reaches, stopping at given tensors (torchjd's)."""
-
 NonDifferentiable = _NonDifferentiable
 """Mixin running a module's call under :func:`torch.no_grad`, as torchjd's weightings do."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchjd.autojac import backward, mtl_backward
 
-from ..aggregation._torchjd_compat import graph_leaves
+from ._parameters import graph_leaves
 
 
 def accumulate_jacobians(
@@ -77,10 +77,13 @@ def _heads(
     zeros: 2.5x the step at 40 tasks.
     """
 
-    wanted = set(others)
-    heads = [[p for p in graph_leaves([loss], features) if p in wanted] for loss in losses]
-    reached = {p for head in heads for p in head}
-    heads[0] += [p for p in others if p not in reached]
+    wanted = {id(p) for p in others}
+    heads = [
+        [p for key, p in graph_leaves([loss], stops=features).items() if key in wanted]
+        for loss in losses
+    ]
+    reached = {id(p) for head in heads for p in head}
+    heads[0] += [p for p in others if id(p) not in reached]
     return heads
 
 
