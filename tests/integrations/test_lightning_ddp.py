@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .._asserts import relative_error
 from .._spawn import on_ranks
+from .._step import flat
 from .test_lightning import NAMES, Model
 
 pytestmark = pytest.mark.filterwarnings(
@@ -126,8 +127,8 @@ def test_two_processes_fit_as_one_on_the_global_batches(
     expected = fit(case, 1)
     for rank in range(2):
         run = two_process_runs[rank][case]
-        for mine, reference in zip(run["parameters"], expected["parameters"], strict=True):
-            assert relative_error(mine, reference) <= 1e-12
+        # Over the whole model: some entries stay within rounding of zero (relative noise).
+        assert relative_error(flat(run["parameters"]), flat(expected["parameters"])) <= 1e-12
         if case != "gcond parameters":  # GCond's update has no weights
             assert set(run["weights"]) == {f"task_weights/weight/{name}" for name in NAMES}
             for key, value in expected["weights"].items():

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.amp import GradScaler
+from torch.nn.parallel import DistributedDataParallel
 from torchjd.aggregation import Aggregator
 
 from ..aggregation._tasks import default_task_names
@@ -178,6 +179,14 @@ class JacobianStep:
 
         features, self._features = self._features, None
         engine = self.bind(module)
+        if features is not None and _detaches_outputs(module):
+            raise ValueError(
+                "The model is a DistributedDataParallel module with `find_unused_parameters=True`:"
+                " it returns its outputs through a node of its own, so the features it returns are"
+                " not on the path of the losses computed in its forward pass (their Jacobian would"
+                " be zero). Use `find_unused_parameters=False` (Lightning's default; Hugging Face:"
+                " `ddp_find_unused_parameters=False`, MultiTaskTrainer's default)."
+            )
         vector = losses.reshape(-1)
         named = (
             vector if self.tasks is None else dict(zip(self.tasks, vector.unbind(), strict=True))
@@ -223,3 +232,13 @@ class JacobianStep:
         alpha = getattr(self.aggregator, "alpha", None)
         alpha = alpha if isinstance(alpha, Tensor) else None
         return weight_scalars(self.last_weights, self.tasks, alpha)
+
+
+def _detaches_outputs(module: nn.Module) -> bool:
+    """Whether ``module`` is a DDP module passing its outputs through its unused-parameter sink."""
+
+    return (
+        isinstance(module, DistributedDataParallel)
+        and module.find_unused_parameters
+        and not module.static_graph
+    )
