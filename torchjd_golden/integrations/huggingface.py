@@ -15,7 +15,7 @@ from transformers import Trainer
 
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
-from ..step._engine import GramianSource
+from ..step._sharded import GramianSource
 from ..step._task_step import JacobianStep, TaskLosses, split_task_losses
 
 __all__ = ["AGGREGATOR_STATE_NAME", "MultiTaskTrainer", "TaskLosses"]

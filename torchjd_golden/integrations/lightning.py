@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
-from ..step._engine import GramianSource
+from ..step._sharded import GramianSource
 from ..step._task_step import JacobianStep, TaskLosses
 
 __all__ = ["MultiTaskModule", "TaskLosses"]

@@ -27,8 +27,8 @@ from ..config import aggregator_from_config
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
 from ..monitoring._weighting_calls import weight_scalars
-from ._engine import GramianSource, JacobianDescent
-from ._sharded import check_gramian_source
+from ._engine import JacobianDescent
+from ._sharded import GramianSource, check_gramian_source
 
 
 @dataclass(frozen=True)
