@@ -10,14 +10,20 @@ A step is timed from the start of the batch to the end of the optimizer step (Li
 the same span by hand for the loop); each configuration runs ``--steps`` steps per round, the
 rounds alternate the configurations so that drift hits all alike, and the table gives the median.
 
-Run: ``python -m benchmarks.trainers [--steps 30] [--rounds 5]``
+With ``--processes 2`` it also times each integration on 2 gloo processes (``strategy="ddp"``,
+torchrun's environment for Hugging Face) against 1, on the same global batch (half on each
+rank), in the same run, rounds alternating.
+
+Run: ``python -m benchmarks.trainers [--steps 30] [--rounds 5] [--processes 2]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -41,10 +47,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 class Batches(Dataset):  # type: ignore[type-arg]
     """The same batch again and again, as the training-step benchmark uses."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, processes: int = 1) -> None:
         generator = torch.Generator().manual_seed(0)
-        self.inputs = torch.randn(BATCH, 256, generator=generator)
-        self.targets = torch.randn(BATCH, N_TASKS, generator=generator)
+        self.inputs = torch.randn(BATCH // processes, 256, generator=generator)
+        self.targets = torch.randn(BATCH // processes, N_TASKS, generator=generator)
         self.steps = steps
 
     def __len__(self) -> int:
@@ -82,7 +88,7 @@ def plain_loop(steps: int, diagnostics: bool) -> list[float]:
     return times
 
 
-def lightning_loop(steps: int, diagnostics: bool) -> list[float]:
+def lightning_loop(steps: int, diagnostics: bool, processes: int = 1) -> list[float]:
     from lightning import Callback, Trainer  # noqa: PLC0415 - optional dependency
 
     from torchjd_golden.integrations.lightning import MultiTaskModule, TaskLosses  # noqa: PLC0415
@@ -110,6 +116,8 @@ def lightning_loop(steps: int, diagnostics: bool) -> list[float]:
 
     trainer = Trainer(
         accelerator="cpu",
+        devices=processes,
+        strategy="ddp" if processes > 1 else "auto",
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -117,7 +125,7 @@ def lightning_loop(steps: int, diagnostics: bool) -> list[float]:
         enable_model_summary=False,
         callbacks=[Timer()],
     )
-    data = DataLoader(Batches(steps), batch_size=1, collate_fn=_collate)
+    data = DataLoader(Batches(steps * processes, processes), batch_size=1, collate_fn=_collate)
     trainer.fit(Module(), data)
     return times
 
@@ -132,7 +140,7 @@ class HuggingFaceNetwork(nn.Module):
         return {"losses": _losses(outputs, targets), "features": features}
 
 
-def huggingface_loop(steps: int, diagnostics: bool) -> list[float]:
+def huggingface_loop(steps: int, diagnostics: bool, processes: int = 1) -> list[float]:
     from transformers import TrainerCallback, TrainingArguments  # noqa: PLC0415
 
     from torchjd_golden.integrations.huggingface import MultiTaskTrainer  # noqa: PLC0415
@@ -164,7 +172,7 @@ def huggingface_loop(steps: int, diagnostics: bool) -> list[float]:
         trainer = MultiTaskTrainer(
             model=HuggingFaceNetwork(),
             args=arguments,
-            train_dataset=Batches(steps),
+            train_dataset=Batches(steps * processes, processes),
             data_collator=_collate,
             aggregator=GoldenPendulum(),
             diagnostics=diagnostics,
@@ -214,6 +222,70 @@ def trainer_table(steps: int, rounds: int) -> dict[tuple[str, bool], float]:
     return medians
 
 
+def _timed_on_rank(name: str, steps: int, port: int, rank: int, output: str) -> None:
+    """One of 2 processes with torchrun's environment: rank 0 saves its step times."""
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", NODE_RANK="0",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+    _quiet()
+    times = LOOPS[name](steps, False, 2)  # type: ignore[call-arg]
+    if rank == 0:
+        torch.save(times, output)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def on_two_processes(name: str, steps: int) -> list[float]:
+    """The step times of rank 0 of a 2-process run of ``name``."""
+
+    import torch.multiprocessing as mp  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    with tempfile.TemporaryDirectory() as directory:
+        output = os.path.join(directory, "times.pt")
+        mp.start_processes(
+            functools.partial(_timed_on_rank, name, steps, port),
+            args=(output,), nprocs=2, start_method="spawn",
+        )  # fmt: skip
+        return list(torch.load(output))
+
+
+def processes_table(steps: int, rounds: int) -> dict[tuple[str, int], float]:
+    """Median seconds per step of each integration on 1 and 2 processes, and the table."""
+
+    names = ("Lightning MultiTaskModule", "Hugging Face MultiTaskTrainer")
+    samples: dict[tuple[str, int], list[float]] = {(n, p): [] for n in names for p in (1, 2)}
+    for _ in range(rounds):
+        for name in names:
+            samples[(name, 1)].extend(LOOPS[name](steps, False)[2:])
+            samples[(name, 2)].extend(on_two_processes(name, steps)[2:])
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    print(
+        f"## 2 processes (gloo, CPU) against 1, global batch {BATCH}, {steps} steps x {rounds} "
+        "rounds, Golden Pendulum, gramian_from='parameters'\n"
+    )
+    print("| integration | 1 process, ms/step | 2 processes, ms/step | 2 / 1 |")
+    print("|---|---|---|---|")
+    for name in names:
+        one, two = medians[(name, 1)], medians[(name, 2)]
+        print(f"| {name} | {1e3 * one:.1f} | {1e3 * two:.1f} | {two / one:.2f} |")
+    print()
+    return medians
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
+
+    transformers_logging.set_verbosity_error()
+
+
 def diagnostics_record_seconds(calls: int = 200) -> float:
     """Median seconds of one ConflictMonitor.record of an m-task step once its window is full."""
 
@@ -237,14 +309,12 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--rounds", type=int, default=5, help="runs of each configuration")
+    parser.add_argument("--processes", type=int, choices=(1, 2), default=1)
     args = parser.parse_args()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as transformers_logging  # noqa: PLC0415
-
-    transformers_logging.set_verbosity_error()
+    _quiet()
     trainer_table(args.steps, args.rounds)
+    if args.processes == 2:
+        processes_table(args.steps, args.rounds)
 
 
 if __name__ == "__main__":

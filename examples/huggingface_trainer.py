@@ -2,16 +2,20 @@
 A tiny randomly initialised BERT (built from a config: nothing is downloaded) with three
 regression heads, trained by the Hugging Face ``Trainer`` with a stateful aggregator, checkpointed
 halfway, resumed from that checkpoint in a new Trainer, and compared with the uninterrupted run:
-parameters, optimizer state and aggregator state must be bit-identical.
+parameters, optimizer state and aggregator state must be bit-identical. With ``--processes N``
+the runs are on N gloo processes on CPU launched as ``torchrun`` launches them (the Trainer wraps
+the model in DistributedDataParallel itself), compared with one process on the same global
+batches.
 
 Run: ``python examples/huggingface_trainer.py [--steps N] [--output DIR] [--aggregator NAME]
-[--accumulate K]``
+[--accumulate K] [--processes N] [--gramian-from {parameters,features}]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +24,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel, TrainingArguments
 from transformers.utils import logging as transformers_logging
@@ -72,19 +78,26 @@ CONFIG = BertConfig(
     num_attention_heads=2,
     intermediate_size=37,
     max_position_embeddings=16,
+    # No dropout: N processes draw their own masks, which one process could not draw alike.
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
 )
 
 
 def train(
-    output: Path, aggregator: str, steps: int, accumulate: int, resume: Path | None = None
+    output: Path,
+    args: argparse.Namespace,
+    steps: int,
+    processes: int = 1,
+    resume: Path | None = None,
 ) -> tuple[MultiTaskBert, MultiTaskTrainer]:
     torch.manual_seed(0)
     model = MultiTaskBert(CONFIG)
     arguments = TrainingArguments(
         str(output),
         max_steps=steps,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=accumulate,
+        per_device_train_batch_size=8 // processes,  # the global batch: 8
+        gradient_accumulation_steps=args.accumulate,
         learning_rate=1e-3,
         save_strategy="steps",
         save_steps=max(steps // 2, 1),
@@ -95,27 +108,20 @@ def train(
         disable_tqdm=True,
     )
     trainer = MultiTaskTrainer(
-        model=model, args=arguments, train_dataset=Tokens(64), aggregator=aggregator
-    )
+        model=model, args=arguments, train_dataset=Tokens(64), aggregator=args.aggregator,
+        gramian_from=args.gramian_from,
+    )  # fmt: skip
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return model, trainer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps in all")
-    parser.add_argument("--output", type=Path, default=None, help="default: a temporary folder")
-    parser.add_argument("--aggregator", default="gcond", help="a name for aggregator_from_config")
-    parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per step")
-    args = parser.parse_args()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    output = args.output or Path(tempfile.mkdtemp())
-    steps = max(args.steps, 2)
+def train_and_resume(args: argparse.Namespace, output: Path, processes: int) -> dict[str, Any]:
+    """An uninterrupted run, and one resumed from its halfway checkpoint in a new Trainer."""
 
-    model, trainer = train(output / "uninterrupted", args.aggregator, steps, args.accumulate)
+    steps = max(args.steps, 2)
+    model, trainer = train(output / "uninterrupted", args, steps, processes)
     halfway = output / "uninterrupted" / f"checkpoint-{steps // 2}"
-    resumed, again = train(output / "resumed", args.aggregator, steps, args.accumulate, halfway)
+    resumed, again = train(output / "resumed", args, steps, processes, halfway)
 
     same_parameters = all(
         torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters(), strict=True)
@@ -134,12 +140,85 @@ def main() -> None:
         for key, value in last.items()
         if key.startswith("task_weights/weight/")
     }
-    print(f"aggregator: {trainer.aggregator!r}")
-    print(f"optimizer steps: {trainer.state.global_step}, accumulation: {args.accumulate}")
-    print(f"checkpoint: {', '.join(sorted(p.name for p in halfway.iterdir()))}")
-    print(f"task weights in the last log: {weights}")
-    print(f"parameters {same_parameters}, optimizer {same_optimizer}, aggregator {same_aggregator}")
-    if same_parameters and same_optimizer and same_aggregator:
+    return {
+        "parameters": [p.detach().clone() for p in model.parameters()],
+        "same": (same_parameters, same_optimizer, same_aggregator),
+        "lines": [
+            f"aggregator: {trainer.aggregator!r}, gramian_from: {args.gramian_from}",
+            f"optimizer steps: {trainer.state.global_step}, accumulation: {args.accumulate}",
+            f"checkpoint: {', '.join(sorted(p.name for p in halfway.iterdir()))}",
+            f"task weights in the last log: {weights}",
+        ],
+    }
+
+
+def worker(rank: int, args: argparse.Namespace, output: Path, port: int) -> None:
+    """One of the processes, with the environment torchrun would give it."""
+
+    quiet()
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.processes),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+    result = train_and_resume(args, output, args.processes)
+    torch.save(result, output / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def quiet() -> None:
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def max_relative_difference(first: list[Tensor], second: list[Tensor]) -> float:
+    """Over the whole model: max |a - b| / max |b|."""
+
+    a, b = (torch.cat([t.reshape(-1) for t in tensors]) for tensors in (first, second))
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps in all")
+    parser.add_argument("--output", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--aggregator", default=None, help="a name for aggregator_from_config")
+    parser.add_argument("--accumulate", type=int, default=2, help="micro-batches per step")
+    parser.add_argument("--processes", type=int, default=1, help="DDP processes (gloo, CPU)")
+    parser.add_argument("--gramian-from", choices=("parameters", "features"), default="parameters")
+    args = parser.parse_args()
+    if args.aggregator is None:  # the features need a Gramian weighting
+        args.aggregator = "gcond" if args.gramian_from == "parameters" else "golden_pendulum"
+    quiet()
+    output = args.output or Path(tempfile.mkdtemp())
+    output.mkdir(parents=True, exist_ok=True)
+
+    if args.processes == 1:
+        result = train_and_resume(args, output, 1)
+        same = result["same"]
+    else:
+        mp.start_processes(
+            worker, args=(args, output, free_port()), nprocs=args.processes, start_method="spawn"
+        )
+        results = [torch.load(output / f"rank{r}.pt") for r in range(args.processes)]
+        result = results[0]
+        same = tuple(all(r["same"][k] for r in results) for k in range(3))
+        alone, _ = train(output / "one process", args, max(args.steps, 2))
+        difference = max_relative_difference(
+            result["parameters"], [p.detach() for p in alone.parameters()]
+        )
+    for line in result["lines"]:
+        print(line)
+    print("parameters {}, optimizer {}, aggregator {}".format(*same))
+    if args.processes > 1:
+        print(f"processes: {args.processes}, one process: max relative difference {difference:.1e}")
+    if all(same):
         print("resume: identical")
     else:
         print("resume: DIFFERENT")

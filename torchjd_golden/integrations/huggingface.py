@@ -15,12 +15,16 @@ from transformers import Trainer
 
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
+from ..step._sharded import GramianSource
 from ..step._task_step import JacobianStep, TaskLosses, split_task_losses
 
 __all__ = ["AGGREGATOR_STATE_NAME", "MultiTaskTrainer", "TaskLosses"]
 
 AGGREGATOR_STATE_NAME = "aggregator.pt"
-"""The file of a checkpoint folder that holds the aggregator's ``state_dict``."""
+"""The file of a checkpoint folder that holds the aggregator's ``state_dict`` (one process)."""
+
+AGGREGATOR_RANK_STATE_NAME = "aggregator_{rank}.pt"
+"""Under several processes, the file of each rank's aggregator ``state_dict``."""
 
 
 class MultiTaskTrainer(Trainer):
@@ -44,6 +48,12 @@ class MultiTaskTrainer(Trainer):
     - The aggregator's ``state_dict`` is saved as ``aggregator.pt`` in every checkpoint folder
       and loaded by ``train(resume_from_checkpoint=...)``: a resumed run continues
       bit-identically.
+    - Launched on several processes (``torchrun``, ``accelerate launch``), the Trainer wraps the
+      model in ``DistributedDataParallel`` and the step is that of one process on the global
+      batch. ExcessMTL's and GCond's state then covers this rank's columns only: each rank saves
+      its own (``aggregator_{rank}.pt``) and resumes from it, on the same number of processes.
+      ``ddp_find_unused_parameters`` defaults to ``False`` (``True`` would hand back the
+      features detached from the losses, and is refused).
     - The task weights, averaged over the steps since the last log, join the Trainer's logs
       (``log_history``, TensorBoard and the other ``report_to`` integrations) by task name:
       ``task_weights/weight/{task}``, ``task_weights/balance_ratio`` and, for Golden Pendulum,
@@ -61,8 +71,8 @@ class MultiTaskTrainer(Trainer):
         )
         trainer.train()
 
-    Evaluation uses the sum of the task losses. DeepSpeed, FSDP and multi-process data
-    parallelism are not supported: torchjd writes ``.grad`` itself, outside their hooks.
+    Evaluation uses the sum of the task losses. DeepSpeed and FSDP are not supported: the
+    engine writes ``.grad`` itself, outside their hooks.
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
@@ -71,6 +81,9 @@ class MultiTaskTrainer(Trainer):
         Gramian (the one the aggregation computed: no extra backward pass); or a recorder to
         attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
         object with a ``record(gramian, weights=None, *, tasks=None)`` method.
+    :param gramian_from: The engine's source of the weights: ``"parameters"`` (exact) or
+        ``"features"`` (the Gramian of the gradients with respect to the model's ``features``,
+        then one ordinary backward pass; Gramian weightings only).
     :param args: The positional and keyword arguments of :class:`transformers.Trainer`.
     """
 
@@ -79,10 +92,11 @@ class MultiTaskTrainer(Trainer):
         *args: Any,
         aggregator: object = "upgrad",
         diagnostics: bool | DiagnosticsRecorder = False,
+        gramian_from: GramianSource = "parameters",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.jacobian_step = JacobianStep(aggregator, diagnostics)
+        self.jacobian_step = JacobianStep(aggregator, diagnostics, gramian_from)
         self.aggregator = self.jacobian_step.aggregator.to(self.args.device)
         self._logged_sums: dict[str, Tensor] = {}
         self._logged_steps = 0
@@ -104,6 +118,7 @@ class MultiTaskTrainer(Trainer):
         if callable(getattr(self.optimizer, "train", None)):
             self.optimizer.train()  # type: ignore[union-attr]
         inputs = self._prepare_inputs(inputs)
+        self.jacobian_step.bind(model)  # the DDP module under several processes
         with self.compute_loss_context_manager():
             outputs = model(**inputs)
         micro_batches = getattr(
@@ -150,21 +165,37 @@ class MultiTaskTrainer(Trainer):
             self._logged_sums, self._logged_steps = {}, 0
         super().log(logs, start_time)
 
+    def _build_accelerator_args(self, **kwargs: Any) -> dict[str, Any]:
+        # DDP looking for unused parameters would return the features detached from the losses.
+        if self.args.ddp_find_unused_parameters is None:
+            self.args.ddp_find_unused_parameters = False
+        return super()._build_accelerator_args(**kwargs)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
-            path = os.path.join(output_dir, AGGREGATOR_STATE_NAME)
-            torch.save(self.aggregator.state_dict(), path)
+        if self.args.world_size > 1:  # each rank its own (ExcessMTL's, GCond's: its columns)
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(self.aggregator.state_dict(), os.path.join(output_dir, self._state_name()))
+        elif self.args.should_save:
+            torch.save(self.aggregator.state_dict(), os.path.join(output_dir, self._state_name()))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, AGGREGATOR_STATE_NAME)
+        path = os.path.join(checkpoint, self._state_name())
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"The checkpoint {checkpoint!r} has no {AGGREGATOR_STATE_NAME}: it was not "
-                "written by a MultiTaskTrainer, so the aggregator's state cannot be restored."
+                f"The checkpoint {checkpoint!r} has no {self._state_name()}: it was not written "
+                f"by a MultiTaskTrainer on {self.args.world_size} process(es), so the "
+                "aggregator's state cannot be restored."
             )
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        device = self.args.device  # under several CPU processes "cpu:<rank>", which load refuses
+        location = torch.device("cpu") if device.type == "cpu" else device
+        state = torch.load(path, map_location=location, weights_only=True)
         self.aggregator.load_state_dict(state)
+
+    def _state_name(self) -> str:
+        if self.args.world_size > 1:
+            return AGGREGATOR_RANK_STATE_NAME.format(rank=self.args.process_index)
+        return AGGREGATOR_STATE_NAME

@@ -11,14 +11,18 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
+from ..step._sharded import GramianSource
 from ..step._task_step import JacobianStep, TaskLosses
 
 __all__ = ["MultiTaskModule", "TaskLosses"]
+
+_STATES_BY_RANK = "aggregator_states_by_rank"  # the checkpoint's entry under several processes
 
 
 class MultiTaskModule(LightningModule):
@@ -42,6 +46,11 @@ class MultiTaskModule(LightningModule):
     - the aggregator is a submodule, so its state is in the module's ``state_dict`` and in
       Lightning's checkpoints: a run resumed with ``trainer.fit(..., ckpt_path=...)`` continues
       bit-identically;
+    - under ``strategy="ddp"`` the step is that of one process on the global batch (the engine
+      runs on the ``DistributedDataParallel`` module Lightning made; accumulation, clipping and
+      mixed precision as on one process). ExcessMTL's and GCond's state then covers this rank's
+      columns only: every rank's state is saved in the checkpoint (``aggregator_states_by_rank``)
+      and each rank resumes from its own, on the same number of processes;
     - the weights of each step are logged by task name through ``self.log``
       (``task_weights/weight/{task}``, ``task_weights/balance_ratio``, and Golden Pendulum's
       ``task_weights/alpha/{task}``; none for GCond, whose update has no weights), and with
@@ -67,8 +76,9 @@ class MultiTaskModule(LightningModule):
             def configure_optimizers(self):
                 return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    A subclass that overrides :meth:`backward` or :meth:`optimizer_step` must call this class's
-    versions; manual optimisation is not supported (use torchjd directly there).
+    A subclass that overrides :meth:`backward`, :meth:`optimizer_step`,
+    :meth:`on_save_checkpoint` or :meth:`on_load_checkpoint` must call this class's versions;
+    manual optimisation is not supported (use torchjd directly there).
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config` (``"gcond"``, ``{"name": "upgrad"}``).
@@ -78,6 +88,9 @@ class MultiTaskModule(LightningModule):
         attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
         object with a ``record(gramian, weights=None, *, tasks=None)`` method.
     :param log_weights: Whether to log the weights through ``self.log``.
+    :param gramian_from: The engine's source of the weights: ``"parameters"`` (exact) or
+        ``"features"`` (the Gramian of the gradients with respect to the features of
+        :class:`TaskLosses`, then one ordinary backward pass; Gramian weightings only).
     """
 
     def __init__(
@@ -86,9 +99,10 @@ class MultiTaskModule(LightningModule):
         *,
         diagnostics: bool | DiagnosticsRecorder = False,
         log_weights: bool = True,
+        gramian_from: GramianSource = "parameters",
     ) -> None:
         super().__init__()
-        self._jacobian_step = JacobianStep(aggregator, diagnostics)
+        self._jacobian_step = JacobianStep(aggregator, diagnostics, gramian_from)
         self.aggregator = self._jacobian_step.aggregator  # a submodule: its state is checkpointed
         self.log_weights = log_weights
 
@@ -99,6 +113,21 @@ class MultiTaskModule(LightningModule):
             cls.training_step = _taking_task_losses(step)  # type: ignore[method-assign]
 
     @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """
+        What ``DistributedDataParallel`` leaves alone: the aggregator's state, which it would
+        otherwise overwrite with rank 0's at wrapping and at each forward pass (each rank keeps
+        its own, for its own columns under ExcessMTL and GCond), and the names set as usual.
+        """
+
+        names = [f"aggregator.{name}" for name, _ in self.aggregator.named_buffers()]
+        return [*self.__dict__.get("_ddp_ignored", ()), *names]
+
+    @_ddp_params_and_buffers_to_ignore.setter
+    def _ddp_params_and_buffers_to_ignore(self, names: list[str]) -> None:
+        self.__dict__["_ddp_ignored"] = list(names)
+
+    @property
     def diagnostics(self) -> DiagnosticsRecorder | ConflictMonitor | None:
         """The diagnostics engine (``diagnostics=True``) or the recorder given, or ``None``."""
         return self._jacobian_step.recorder
@@ -106,7 +135,40 @@ class MultiTaskModule(LightningModule):
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Adds the Jacobian of the (scaled) per-task losses to the step's."""
 
-        self._jacobian_step.backward(loss, self)
+        self._jacobian_step.backward(loss, self._trained_module())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under several processes, adds every rank's aggregator state (a collective call)."""
+
+        if _world_size() > 1:
+            states: list[Any] = [None] * _world_size()
+            mine = {key: value.cpu() for key, value in self.aggregator.state_dict().items()}
+            dist.all_gather_object(states, mine)
+            checkpoint[_STATES_BY_RANK] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Puts this rank's aggregator state in the ``state_dict`` about to be loaded."""
+
+        states = checkpoint.get(_STATES_BY_RANK)
+        if states is None:
+            return
+        if len(states) != _world_size():
+            raise ValueError(
+                f"The checkpoint holds the aggregator states of {len(states)} processes; this run "
+                f"has {_world_size()}: the aggregator's per-rank state resumes on the same number."
+            )
+        model_state = checkpoint["state_dict"]
+        for key in [key for key in model_state if key.startswith("aggregator.")]:
+            del model_state[key]
+        mine = states[dist.get_rank()]
+        model_state.update({f"aggregator.{key}": value for key, value in mine.items()})
+
+    def _trained_module(self) -> nn.Module:
+        """The module the strategy runs: the ``DistributedDataParallel`` one under ``"ddp"``."""
+
+        trainer = self._trainer
+        model = None if trainer is None else trainer.strategy.model
+        return model if isinstance(model, nn.Module) else self
 
     def optimizer_step(
         self,
@@ -142,8 +204,13 @@ def _taking_task_losses(training_step: Callable[..., Any]) -> Callable[..., Any]
 
     @functools.wraps(training_step)
     def wrapped(self: MultiTaskModule, *args: Any, **kwargs: Any) -> Tensor | None:
+        self._jacobian_step.bind(self._trained_module())
         output = training_step(self, *args, **kwargs)
         return None if output is None else self._jacobian_step.take(output)
 
     wrapped._takes_task_losses = True  # type: ignore[attr-defined]
     return wrapped
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -14,7 +14,8 @@ It stands on :mod:`torchjd_golden.aggregation`, :mod:`torchjd_golden.monitoring`
 from ._accumulation import backward_task
 from ._amp import with_grad_scaler
 from ._distributed import sharded_jac_to_grad, sync_jacobians
-from ._engine import GramianSource, JacobianDescent
+from ._engine import JacobianDescent
+from ._sharded import GramianSource
 
 __all__ = [
     "GramianSource",

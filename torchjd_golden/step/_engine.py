@@ -30,10 +30,14 @@ from ._jacobian import (
 )
 from ._losses import TaskLossesInput, detached_vector, shared_features, task_losses
 from ._parameters import SharedParameters, StepParameters
-from ._sharded import aggregate_block, call_capturing_weights, column_split, gramian_weighting_of
-
-GramianSource = Literal["parameters", "features"]
-_SOURCES = ("parameters", "features")
+from ._sharded import (
+    GramianSource,
+    aggregate_block,
+    call_capturing_weights,
+    check_gramian_source,
+    column_split,
+    gramian_weighting_of,
+)
 
 Layout = Literal["local", "ddp", "fsdp"]
 
@@ -118,16 +122,7 @@ class JacobianDescent:
                 " "
                 f"or torchjd.aggregation.UPGrad()). Found {type(aggregator).__name__}."
             )
-        if gramian_from not in _SOURCES:
-            raise ValueError(
-                f"Parameter `gramian_from` must be one of {_SOURCES}. Found {gramian_from!r}."
-            )
-        if gramian_from == "features" and gramian_weighting_of(aggregator) is None:
-            raise ValueError(
-                f"`gramian_from='features'` needs an aggregator that weights the Gramian only (a "
-                f"Gramian weighting). {aggregator!r} weights the Jacobian itself: use "
-                "`gramian_from='parameters'`."
-            )
+        check_gramian_source(aggregator, gramian_from)
         if per_task is not None and not isinstance(per_task, bool):
             raise ValueError(f"Parameter `per_task` must be a bool or None. Found {per_task!r}.")
         self.module = module

@@ -32,6 +32,8 @@ from ._collectives import RankGroup
 from ._jacobian import is_compiled
 
 ColumnSplit = Literal["gramian", "blocks", "whole"]
+GramianSource = Literal["parameters", "features"]
+_SOURCES = ("parameters", "features")
 
 
 def column_split(aggregator: Aggregator) -> ColumnSplit:
@@ -54,6 +56,21 @@ def gramian_weighting_of(aggregator: Aggregator) -> Weighting[PSDMatrix] | None:
         return None
     assert isinstance(aggregator, GramianWeightedAggregator)
     return aggregator.gramian_weighting
+
+
+def check_gramian_source(aggregator: Aggregator, gramian_from: object) -> None:
+    """Refuses a ``gramian_from`` that is not a source, or ``"features"`` for ``aggregator``."""
+
+    if gramian_from not in _SOURCES:
+        raise ValueError(
+            f"Parameter `gramian_from` must be one of {_SOURCES}. Found {gramian_from!r}."
+        )
+    if gramian_from == "features" and gramian_weighting_of(aggregator) is None:
+        raise ValueError(
+            f"`gramian_from='features'` needs an aggregator that weights the Gramian only (a "
+            f"Gramian weighting). {aggregator!r} weights the Jacobian itself: use "
+            "`gramian_from='parameters'`."
+        )
 
 
 def _overrides_forward(aggregator: Aggregator) -> bool:

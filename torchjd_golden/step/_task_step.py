@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.amp import GradScaler
+from torch.nn.parallel import DistributedDataParallel
 from torchjd.aggregation import Aggregator
 
 from ..aggregation._tasks import default_task_names
@@ -27,6 +28,7 @@ from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
 from ..monitoring._weighting_calls import weight_scalars
 from ._engine import JacobianDescent
+from ._sharded import GramianSource, check_gramian_source
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,10 @@ class JacobianStep:
     resolves, such as GCond, sees the whole step), the task names given to the aggregator, and the
     loss scale of a ``GradScaler`` taken out as :func:`~torchjd_golden.with_grad_scaler` does.
 
+    The module given to :meth:`bind` (or :meth:`backward`) is the one the trainer runs: under
+    data parallelism the ``DistributedDataParallel`` module, whose ranks then step as one process
+    on the global batch.
+
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
     :param diagnostics: ``True`` for the diagnostics engine, or a recorder (an object with a
@@ -125,10 +131,19 @@ class JacobianStep:
         :class:`~torchjd_golden.ConflictMonitor`), which then receives the Gramian the
         aggregator's weighting used (or computed from its Jacobian), the weights and the task
         names at each step.
+    :param gramian_from: The engine's source of the weights, ``"parameters"`` (exact) or
+        ``"features"`` (the feature Gramian, then one ordinary backward pass).
     """
 
-    def __init__(self, aggregator: object, diagnostics: bool | DiagnosticsRecorder = False) -> None:
+    def __init__(
+        self,
+        aggregator: object,
+        diagnostics: bool | DiagnosticsRecorder = False,
+        gramian_from: GramianSource = "parameters",
+    ) -> None:
         self.aggregator = build_aggregator(aggregator)
+        check_gramian_source(self.aggregator, gramian_from)
+        self.gramian_from: GramianSource = gramian_from
         self.tasks: tuple[Hashable, ...] | None = None
         self.last_weights: Tensor | None = None
         self.aggregated = False  # whether the last resolve aggregated (had a backward pass)
@@ -163,14 +178,35 @@ class JacobianStep:
         """
 
         features, self._features = self._features, None
-        if self.engine is None or self.engine.module is not module:
-            self.engine = JacobianDescent(module, self.aggregator, shared="features")
+        engine = self.bind(module)
+        if features is not None and _detaches_outputs(module):
+            raise ValueError(
+                "The model is a DistributedDataParallel module with `find_unused_parameters=True`:"
+                " it returns its outputs through a node of its own, so the features it returns are"
+                " not on the path of the losses computed in its forward pass (their Jacobian would"
+                " be zero). Use `find_unused_parameters=False` (Lightning's default; Hugging Face:"
+                " `ddp_find_unused_parameters=False`, MultiTaskTrainer's default)."
+            )
         vector = losses.reshape(-1)
         named = (
             vector if self.tasks is None else dict(zip(self.tasks, vector.unbind(), strict=True))
         )
-        self.engine.accumulate(named, features=features)
+        engine.accumulate(named, features=features)
         self._pending = True
+
+    def bind(self, module: nn.Module) -> JacobianDescent:
+        """
+        The engine of ``module`` (made at the first call, and again when the trainer wraps the
+        model anew). Binding before the forward pass lets the exact step tell a
+        ``DistributedDataParallel`` module, before it prepares a reduction, that its gradients
+        are not reduced by its backward pass.
+        """
+
+        if self.engine is None or self.engine.module is not module:
+            self.engine = JacobianDescent(
+                module, self.aggregator, shared="features", gramian_from=self.gramian_from
+            )
+        return self.engine
 
     def resolve(self, scaler: GradScaler | None = None) -> Tensor | None:
         """
@@ -196,3 +232,13 @@ class JacobianStep:
         alpha = getattr(self.aggregator, "alpha", None)
         alpha = alpha if isinstance(alpha, Tensor) else None
         return weight_scalars(self.last_weights, self.tasks, alpha)
+
+
+def _detaches_outputs(module: nn.Module) -> bool:
+    """Whether ``module`` is a DDP module passing its outputs through its unused-parameter sink."""
+
+    return (
+        isinstance(module, DistributedDataParallel)
+        and module.find_unused_parameters
+        and not module.static_graph
+    )
