@@ -36,7 +36,10 @@ TASK_COUNTS = (2, 8, 32)
 
 
 class MultiTask(nn.Module):
-    """A trunk and ``m`` linear heads; ``forward`` gives the features and the ``m`` losses."""
+    """
+    A trunk and ``m`` linear heads; ``forward`` gives the features and the ``m`` losses, one per
+    head (as ``training_step.py``'s network: each loss's graph above the features is its head).
+    """
 
     def __init__(self, trunk: nn.Module, width: int, m: int) -> None:
         super().__init__()
@@ -44,10 +47,12 @@ class MultiTask(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(width, 1) for _ in range(m)])
         self.register_buffer("scales", torch.logspace(-1, 2, m))
 
-    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor]]:
         features = self.trunk(inputs)
-        outputs = torch.cat([head(features) for head in self.heads], dim=1)
-        return features, self.scales * (outputs - targets).pow(2).mean(dim=0)
+        return features, [
+            scale * (head(features)[:, 0] - targets[:, k]).pow(2).mean()
+            for k, (scale, head) in enumerate(zip(self.scales, self.heads, strict=True))
+        ]
 
 
 class MeanPooled(nn.Module):
@@ -93,7 +98,7 @@ def plain_step(model_name: str, m: int) -> Callable[[], object]:
 
     def step() -> None:
         _, losses = model(*data)
-        losses.sum().backward()
+        torch.stack(losses).sum().backward()
         optimizer.step()
         optimizer.zero_grad()
 
@@ -106,7 +111,7 @@ def autojac_step(model_name: str, m: int) -> Callable[[], object]:
 
     def step() -> None:
         features, losses = model(*data)
-        mtl_backward(list(losses.unbind()), features=features, retain_graph=True)
+        mtl_backward(losses, features=features)
         jac_to_grad(list(model.trunk.parameters()), aggregator)
         optimizer.step()
         optimizer.zero_grad()
@@ -236,7 +241,7 @@ def _distributed_steps(
 
         def step() -> None:
             _, losses = model(*data)
-            losses.sum().backward()
+            torch.stack(losses).sum().backward()
             optimizer.step()
             optimizer.zero_grad()
 

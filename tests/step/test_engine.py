@@ -96,6 +96,34 @@ def _give_losses(aggregator: Any, losses: Tensor) -> None:
         aggregator.tasks = TASKS
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["one vector of losses", "a loss per head"])
+def test_feature_gradients_in_one_vectorised_pass_are_those_of_a_pass_per_loss(
+    stacked: bool,
+) -> None:
+    """
+    Losses that share the graph above the features (one stacked vector) get their gradients in
+    one vectorised pass, the others one pass per loss: the rows are the same either way.
+    """
+
+    from torchjd_golden.step._features import feature_gradients  # noqa: PLC0415
+    from torchjd_golden.step._jacobian import share_graph_above  # noqa: PLC0415
+
+    network = Network().double()
+    inputs, targets = batch(0)
+    features, stacked_losses = network(inputs, targets)
+    losses = list(stacked_losses.unbind())
+    if not stacked:
+        losses = [
+            (head(features)[:, 0] - targets[:, k]).pow(2).mean()
+            for k, head in enumerate(network.heads)
+        ]
+    assert share_graph_above(losses, [features]) == stacked
+    batched = feature_gradients(losses, [features], batched=True)
+    one_by_one = feature_gradients(losses, [features], batched=False)
+    assert batched.shape == (len(TASKS), features.numel())
+    assert relative_error(batched, one_by_one) <= 16 * torch.finfo(torch.float64).eps
+
+
 @pytest.mark.parametrize("name", GRAMIAN_FACTORIES)
 def test_features_weights_are_those_of_the_feature_gramian(name: str) -> None:
     r"""

@@ -333,7 +333,12 @@ class JacobianDescent:
     # -- the fast step: the feature Gramian, then one ordinary backward pass ---------------------
 
     def _features_step(self, losses: list[Tensor], features: list[Tensor]) -> None:
-        rows = feature_gradients(losses, features)
+        try:
+            rows = feature_gradients(losses, features, batched=self.per_task is not True)
+        except RuntimeError:  # torch.vmap cannot go through these heads: one pass per task
+            if self.per_task is not None:
+                raise
+            self.per_task, rows = True, feature_gradients(losses, features, batched=False)
         gramian = compute_gramian(rows)
         loss_vector = detached_vector(losses)
         if self._ranks is not None:

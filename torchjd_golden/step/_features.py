@@ -22,35 +22,80 @@ from torch import Tensor
 
 from ..aggregation._gramian import combine_rows
 from ._collectives import RankGroup
+from ._jacobian import share_graph_above
 
 
-def feature_gradients(losses: Sequence[Tensor], features: Sequence[Tensor]) -> Tensor:
+def feature_gradients(
+    losses: Sequence[Tensor], features: Sequence[Tensor], *, batched: bool = True
+) -> Tensor:
     """
     The ``[m, N]`` matrix whose row :math:`k` is the gradient of ``losses[k]`` with respect to
-    ``features`` (flattened and joined), by one backward pass per loss through the heads.
+    ``features`` (flattened and joined), through the heads only.
+
+    Where the losses share a part of the graph above the features (the entries of one stacked
+    vector of losses, the heads' outputs concatenated), a pass per loss would go through all the
+    heads each time (:math:`m^2` head passes): with ``batched`` the :math:`m` gradients are one
+    vectorised pass (``is_grads_batched``, ``torch.vmap``). Where each loss has its own head, one
+    pass per loss goes through its head only, which is what a vectorised pass would cost for every
+    head: the passes stay one per loss.
     """
 
-    rows = []
-    reached = False
-    for loss in losses:
-        gradients = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
-        reached = reached or any(g is not None for g in gradients)
-        rows.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(f) if g is None else g).reshape(-1)
-                    for f, g in zip(features, gradients, strict=True)
-                ]
-            )
-        )
-    if not reached:
+    if batched and share_graph_above(losses, features):
+        gradients = _batched_gradients(losses, features)
+    else:
+        gradients = _gradients_one_by_one(losses, features)
+    if all(g is None for g in gradients):
         raise ValueError(
             "No loss depends on the given `features`: they must be the shared representation "
             "between the trunk and the heads. (A module compiled as a whole computes its losses "
             "inside one graph, where its returned features are not on their path: compile the "
             "trunk and the heads separately.)"
         )
-    return torch.stack(rows)
+    m = len(losses)
+    return torch.cat(
+        [
+            (f.new_zeros(m, f.numel()) if g is None else g.reshape(m, -1))
+            for f, g in zip(features, gradients, strict=True)
+        ],
+        dim=1,
+    )
+
+
+def _batched_gradients(
+    losses: Sequence[Tensor], features: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """Per feature tensor, the ``[m, *shape]`` gradients of the losses: one vectorised pass."""
+
+    m = len(losses)
+    basis = [
+        torch.zeros(m, dtype=loss.dtype, device=loss.device).index_fill_(0, torch.tensor(k), 1)
+        for k, loss in enumerate(losses)
+    ]
+    return torch.autograd.grad(
+        list(losses),
+        list(features),
+        grad_outputs=basis,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+
+
+def _gradients_one_by_one(
+    losses: Sequence[Tensor], features: Sequence[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """Per feature tensor, the ``[m, *shape]`` gradients of the losses: one pass per loss."""
+
+    per_loss = [
+        torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True) for loss in losses
+    ]
+    if all(g is None for gradients in per_loss for g in gradients):
+        return tuple(None for _ in features)
+    zeros = [torch.zeros_like(f) for f in features]
+    return tuple(
+        torch.stack([zero if g[i] is None else g[i] for g in per_loss])
+        for i, zero in enumerate(zeros)
+    )
 
 
 def weighted_backward(
