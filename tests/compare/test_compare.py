@@ -242,9 +242,9 @@ def test_the_default_run_leaves_nash_mtl_out_of_many_tasks_only(
 @pytest.mark.parametrize(
     ("sources", "expected"),
     [
-        (None, {"parameters": set(DEFAULT_METHODS)}),
+        ("parameters", {"parameters": set(DEFAULT_METHODS)}),
         (
-            "parameters,features",
+            None,  # the default: both
             {
                 "parameters": set(DEFAULT_METHODS),
                 "features": {"golden_pendulum", "gaba", "upgrad"},  # the Gramian weightings

@@ -68,11 +68,12 @@ noise level), whose losses start 5x10^5 apart; "many-tasks" is 40 binary attribu
 MNIST-1D, as CelebA has 40. Each method's mean rank over the tasks is beside its Delta_m%.
 
 Every method trains through torchjd_golden.JacobianDescent with the weights from the Jacobian of
-the trunk's parameters (gramian_from="parameters", the exact method). With --gramian-from
-parameters,features each method that weights the Gramian (Golden Pendulum, GABA, UPGrad, ...)
-runs a second time with the weights from the Gramian of the tasks' gradients with respect to the
-trunk's output (its row "<method> (features)"), and a table under the others sets the two side by
-side: what the fast step costs in Delta_m% and saves in time per step.
+the trunk's parameters (gramian_from="parameters", the exact method), and each method that
+weights the Gramian (Golden Pendulum, GABA, UPGrad, ...) a second time with the weights from the
+Gramian of the tasks' gradients with respect to the trunk's output (gramian_from="features", its
+row "<method> (features)"); a table under the others sets the two side by side: what the fast
+step costs in Delta_m% and saves in time per step. --gramian-from parameters runs the exact
+step only.
 """
 
 
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     compare.add_argument(
         "--gramian-from",
-        default="parameters",
+        default="parameters,features",
         help="comma-separated sources of the weights, parameters (exact, every method) and "
         "features (the feature Gramian, the methods that weight the Gramian only) "
         "(default: %(default)s)",
