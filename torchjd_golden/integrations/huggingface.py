@@ -46,7 +46,9 @@ class MultiTaskTrainer(Trainer):
       (``max_grad_norm``) and steps as usual.
     - With ``fp16=True`` the losses are scaled by the accelerator's ``GradScaler`` and the
       aggregator sees the Jacobian without the scale, as
-      :func:`~torchjd_golden.with_grad_scaler` does; ``bf16=True`` needs nothing.
+      :func:`~torchjd_golden.with_grad_scaler` does; ``bf16=True`` needs nothing. Under either,
+      the training forward runs under Accelerate's autocast without its cast of the outputs to
+      float32, which would take the features off the losses' path.
     - The aggregator's ``state_dict`` is saved as ``aggregator.pt`` in every checkpoint folder
       and loaded by ``train(resume_from_checkpoint=...)``: a resumed run continues
       bit-identically.
