@@ -5,10 +5,14 @@ halfway, resumed from that checkpoint in a new Trainer, and compared with the un
 parameters, optimizer state and aggregator state must be bit-identical. With ``--processes N``
 the runs are on N gloo processes on CPU launched as ``torchrun`` launches them (the Trainer wraps
 the model in DistributedDataParallel itself), compared with one process on the same global
-batches.
+batches. Launched by ``torchrun`` or ``accelerate launch`` itself, the script trains on the
+processes the launcher started, and the first of them runs the one-process comparison.
 
 Run: ``python examples/huggingface_trainer.py [--steps N] [--output DIR] [--aggregator NAME]
-[--accumulate K] [--processes N] [--gramian-from {parameters,features}]``
+[--accumulate K] [--processes N] [--gramian-from {parameters,features}]``, or
+``torchrun --nproc-per-node 2 examples/huggingface_trainer.py [...]``, or
+``accelerate launch --config_file examples/configs/accelerate_cpu.yaml
+examples/huggingface_trainer.py [...]``
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -152,6 +157,40 @@ def train_and_resume(args: argparse.Namespace, output: Path, processes: int) -> 
     }
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # fmt: skip
+
+
+def launched(args: argparse.Namespace) -> None:
+    """
+    One of the processes ``torchrun`` or ``accelerate launch`` started: trains with the others;
+    then the first checks that every rank resumed identically and compares with one process,
+    run in a fresh interpreter without the launcher's environment.
+    """
+
+    rank, processes = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # A folder every process sees: the checkpoints are written by rank 0, the states by each.
+    output = args.output or Path(tempfile.gettempdir()) / f"hf-trainer-{os.environ['MASTER_PORT']}"
+    output.mkdir(parents=True, exist_ok=True)
+    result = train_and_resume(args, output, processes)
+    torch.save(result, output / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank != 0:
+        return
+    results = [torch.load(output / f"rank{r}.pt") for r in range(processes)]
+    alone = output / "one process"
+    command = [
+        sys.executable, __file__, "--steps", str(args.steps), "--aggregator", args.aggregator,
+        "--accumulate", str(args.accumulate), "--gramian-from", args.gramian_from,
+        "--output", str(alone),
+    ]  # fmt: skip
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    subprocess.run(command, env=environment, check=True, capture_output=True)
+    parameters = torch.load(alone / "parameters.pt")
+    report(results, processes, max_relative_difference(result["parameters"], parameters))
+
+
 def worker(rank: int, args: argparse.Namespace, output: Path, port: int) -> None:
     """One of the processes, with the environment torchrun would give it."""
 
@@ -196,28 +235,37 @@ def main() -> None:
     if args.aggregator is None:  # the features need a Gramian weighting
         args.aggregator = "gcond" if args.gramian_from == "parameters" else "golden_pendulum"
     quiet()
+    if "LOCAL_RANK" in os.environ:  # started by torchrun or accelerate launch
+        launched(args)
+        return
     output = args.output or Path(tempfile.mkdtemp())
     output.mkdir(parents=True, exist_ok=True)
 
     if args.processes == 1:
         result = train_and_resume(args, output, 1)
-        same = result["same"]
-    else:
-        mp.start_processes(
-            worker, args=(args, output, free_port()), nprocs=args.processes, start_method="spawn"
-        )
-        results = [torch.load(output / f"rank{r}.pt") for r in range(args.processes)]
-        result = results[0]
-        same = tuple(all(r["same"][k] for r in results) for k in range(3))
-        alone, _ = train(output / "one process", args, max(args.steps, 2))
-        difference = max_relative_difference(
-            result["parameters"], [p.detach() for p in alone.parameters()]
-        )
-    for line in result["lines"]:
+        torch.save(result["parameters"], output / "parameters.pt")  # for a launcher's comparison
+        report([result], 1, None)
+        return
+    mp.start_processes(
+        worker, args=(args, output, free_port()), nprocs=args.processes, start_method="spawn"
+    )
+    results = [torch.load(output / f"rank{r}.pt") for r in range(args.processes)]
+    alone, _ = train(output / "one process", args, max(args.steps, 2))
+    difference = max_relative_difference(
+        results[0]["parameters"], [p.detach() for p in alone.parameters()]
+    )
+    report(results, args.processes, difference)
+
+
+def report(results: list[dict[str, Any]], processes: int, difference: float | None) -> None:
+    """Rank 0's lines, whether every rank resumed identically, and the comparison."""
+
+    same = tuple(all(r["same"][k] for r in results) for k in range(3))
+    for line in results[0]["lines"]:
         print(line)
     print("parameters {}, optimizer {}, aggregator {}".format(*same))
-    if args.processes > 1:
-        print(f"processes: {args.processes}, one process: max relative difference {difference:.1e}")
+    if difference is not None:
+        print(f"processes: {processes}, one process: max relative difference {difference:.1e}")
     if all(same):
         print("resume: identical")
     else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +54,44 @@ def test_config_swap_without_an_argument_reads_the_golden_pendulum_config(tmp_pa
     result = _run("config_swap.py", [], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "aggregator: GoldenPendulum(lam=0.5, " in result.stdout
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_the_huggingface_example_runs_under_the_launchers(launcher: str, tmp_path: Path) -> None:
+    """The guide's commands: 2 processes, each rank resumed identically, equal to one process."""
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    binaries = Path(sys.executable).parent
+    if launcher == "torchrun":
+        command = [str(binaries / "torchrun"), "--nproc-per-node", "2", "--master-port", port]
+    else:
+        config = ROOT / "examples" / "configs" / "accelerate_cpu.yaml"
+        command = [str(binaries / "accelerate"), "launch", "--config_file", str(config)]
+        command += ["--main_process_port", port]
+    script = str(ROOT / "examples" / "huggingface_trainer.py")
+    result = subprocess.run(
+        [*command, script, "--steps", "2", "--output", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.endswith("resume: identical\n")
+    difference = re.search(
+        r"processes: 2, one process: max relative difference (\S+)", result.stdout
+    )
+    assert difference is not None, result.stdout[-3000:]
+    assert float(difference.group(1)) <= 1e-5  # float32: the issue's bound on the parameters
+    checkpoint = tmp_path / "uninterrupted" / "checkpoint-1"
+    assert sorted(p.name for p in checkpoint.glob("aggregator*")) == [
+        "aggregator_0.pt",
+        "aggregator_1.pt",
+    ]
 
 
 def _run(script: str, arguments: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

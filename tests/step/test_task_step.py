@@ -83,6 +83,79 @@ def test_micro_batches_add_up_and_resolve_once() -> None:
     assert step.weight_scalars() == {}
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 5), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(5, 1) for _ in range(3)])
+
+    def losses(self, seed: int) -> tuple[dict[str, Tensor], Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        inputs, targets = (
+            torch.randn(8, 4, generator=generator),
+            torch.randn(8, 3, generator=generator),
+        )
+        features = self.trunk(inputs)
+        return {
+            name: ((head(features)[:, 0] - targets[:, k]) ** 2).mean()
+            for k, (name, head) in enumerate(zip("abc", self.heads, strict=True))
+        }, features
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        "trunk",
+        ["trunk.0"],
+        "the module",
+        lambda model: model.trunk,
+        lambda model: model.trunk.parameters(),
+    ],
+)
+def test_shared_parameters_named_step_as_found_from_the_features(shared: object) -> None:
+    """The trunk named (by name, names, itself or a callable of the model) is the trunk found."""
+
+    torch.manual_seed(0)
+    named, found = _TwoHeads(), _TwoHeads()
+    found.load_state_dict(named.state_dict())
+    shared = named.trunk if shared == "the module" else shared
+    for model, step in (
+        (named, JacobianStep("upgrad", shared=shared)),
+        (found, JacobianStep("upgrad")),
+    ):
+        for seed in (1, 2):  # two micro-batches, one aggregation
+            losses, features = model.losses(seed)
+            step.backward(step.take(TaskLosses(losses, features=features)) / 2, model)
+        step.resolve()
+    for (name, p), q in zip(named.named_parameters(), found.parameters(), strict=True):
+        assert p.grad is not None
+        assert torch.equal(p.grad, q.grad), name  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("shared", "error", "message"),
+    [
+        (3, TypeError, "Parameter `shared` must be None.*Found 3"),
+        ([], TypeError, r"Parameter `shared` must be None.*Found \[\]"),
+        (["trunk", 1], TypeError, "Parameter `shared` must be None"),
+    ],
+)
+def test_a_shared_argument_of_the_wrong_type_is_refused(
+    shared: object, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        JacobianStep("upgrad", shared=shared)  # type: ignore[arg-type]
+
+
+def test_a_shared_name_that_is_no_submodule_is_named() -> None:
+    model = _TwoHeads()
+    step = JacobianStep("upgrad", shared="backbone")
+    with pytest.raises(
+        ValueError, match="names 'backbone', which is not a submodule of the model _TwoHeads"
+    ):
+        step.bind(model)
+
+
 def test_golden_pendulum_adds_alpha_to_the_scalars() -> None:
     step = JacobianStep("golden_pendulum")
     model, losses = _losses()

@@ -7,6 +7,8 @@ Transformers; this module does.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,7 +46,9 @@ class MultiTaskTrainer(Trainer):
       (``max_grad_norm``) and steps as usual.
     - With ``fp16=True`` the losses are scaled by the accelerator's ``GradScaler`` and the
       aggregator sees the Jacobian without the scale, as
-      :func:`~torchjd_golden.with_grad_scaler` does; ``bf16=True`` needs nothing.
+      :func:`~torchjd_golden.with_grad_scaler` does; ``bf16=True`` needs nothing. Under either,
+      the training forward runs under Accelerate's autocast without its cast of the outputs to
+      float32, which would take the features off the losses' path.
     - The aggregator's ``state_dict`` is saved as ``aggregator.pt`` in every checkpoint folder
       and loaded by ``train(resume_from_checkpoint=...)``: a resumed run continues
       bit-identically.
@@ -119,7 +123,7 @@ class MultiTaskTrainer(Trainer):
             self.optimizer.train()  # type: ignore[union-attr]
         inputs = self._prepare_inputs(inputs)
         self.jacobian_step.bind(model)  # the DDP module under several processes
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self._outputs_in_the_graph(model):
             outputs = model(**inputs)
         micro_batches = getattr(
             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
@@ -130,6 +134,28 @@ class MultiTaskTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._resolve(scaler)
         return losses.detach().sum()
+
+    @contextmanager
+    def _outputs_in_the_graph(self, model: nn.Module) -> Iterator[None]:
+        """
+        Under ``bf16`` or ``fp16``, Accelerate wraps the model's forward in autocast and casts its
+        half-precision outputs to float32: cast features are off the losses' path (the trunk's
+        Jacobian through them would be zero). The training forward runs under the same autocast,
+        without the cast.
+        """
+
+        inner = self.accelerator.unwrap_model(model)
+        original = inner.__dict__.get("_original_forward")  # set by Accelerate's mixed precision
+        if original is None:
+            yield
+            return
+        wrapped = inner.__dict__["forward"]
+        inner.forward = original
+        try:
+            with self.accelerator.autocast():
+                yield
+        finally:
+            inner.forward = wrapped
 
     def compute_loss(
         self,

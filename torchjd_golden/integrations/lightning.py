@@ -13,12 +13,13 @@ from typing import Any
 
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
 from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder
 from ..step._sharded import GramianSource
-from ..step._task_step import JacobianStep, TaskLosses
+from ..step._task_step import JacobianStep, SharedModules, TaskLosses
 
 __all__ = ["MultiTaskModule", "TaskLosses"]
 
@@ -33,10 +34,10 @@ class MultiTaskModule(LightningModule):
     Lightning's automatic optimisation does the rest:
 
     - the step is the engine's (:class:`~torchjd_golden.JacobianDescent`, exact, with the shared
-      parameters found from the features as torchjd's ``mtl_backward`` finds them, or every
-      parameter without features): each micro-batch adds its Jacobian to the step's; with
-      ``accumulate_grad_batches=k`` Lightning divides the losses by :math:`k`, so the step holds
-      the mean Jacobian of the :math:`k` micro-batches;
+      parameters named by ``shared``, or found from the features as torchjd's ``mtl_backward``
+      finds them, every parameter without features): each micro-batch adds its Jacobian to the
+      step's; with ``accumulate_grad_batches=k`` Lightning divides the losses by :math:`k`, so
+      the step holds the mean Jacobian of the :math:`k` micro-batches;
     - once per optimizer step, before Lightning's gradient clipping and the step, the aggregator
       combines it, told the task names (and, for the adaptive Golden Pendulum, the losses);
     - under ``precision="16-mixed"`` the aggregator sees the Jacobian without the loss scale and
@@ -51,6 +52,10 @@ class MultiTaskModule(LightningModule):
       mixed precision as on one process). ExcessMTL's and GCond's state then covers this rank's
       columns only: every rank's state is saved in the checkpoint (``aggregator_states_by_rank``)
       and each rank resumes from its own, on the same number of processes;
+    - under Lightning's FSDP2 path (``ModelParallelStrategy``, ``fully_shard`` called in
+      ``configure_model``) the shared parameters must be named (``shared="trunk"``): the graph
+      of an FSDP2 model holds its unsharded parameters, which cannot be mapped back to the
+      sharded ones the step updates;
     - the weights of each step are logged by task name through ``self.log``
       (``task_weights/weight/{task}``, ``task_weights/balance_ratio``, and Golden Pendulum's
       ``task_weights/alpha/{task}``; none for GCond, whose update has no weights), and with
@@ -91,6 +96,13 @@ class MultiTaskModule(LightningModule):
     :param gramian_from: The engine's source of the weights: ``"parameters"`` (exact) or
         ``"features"`` (the Gramian of the gradients with respect to the features of
         :class:`TaskLosses`, then one ordinary backward pass; Gramian weightings only).
+    :param shared: The shared parameters: ``None`` (found at each step from the features, or
+        every parameter the losses reach without features), the name of a submodule
+        (``"trunk"``) or a sequence of names, a submodule, or a callable that takes the module
+        and returns a submodule or parameters. Resolved at the first training step, after
+        ``configure_model``;
+        the other trained parameters (the heads) get their own task's gradient. Needed under
+        FSDP2.
     """
 
     def __init__(
@@ -100,11 +112,17 @@ class MultiTaskModule(LightningModule):
         diagnostics: bool | DiagnosticsRecorder = False,
         log_weights: bool = True,
         gramian_from: GramianSource = "parameters",
+        shared: SharedModules = None,
     ) -> None:
         super().__init__()
-        self._jacobian_step = JacobianStep(aggregator, diagnostics, gramian_from)
+        self._jacobian_step = JacobianStep(aggregator, diagnostics, gramian_from, shared)
         self.aggregator = self._jacobian_step.aggregator  # a submodule: its state is checkpointed
         self.log_weights = log_weights
+        # Under ModelParallelStrategy the model's state goes through torch.distributed.checkpoint,
+        # which maps every key to an attribute (GCond's checkpoint form has none) and keeps one
+        # copy of a tensor that is not sharded: the aggregator's state travels per rank instead.
+        self.register_state_dict_post_hook(_without_aggregator_state)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_post_hook(_aggregator_state_not_missing)  # type: ignore[no-untyped-call]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -138,16 +156,24 @@ class MultiTaskModule(LightningModule):
         self._jacobian_step.backward(loss, self._trained_module())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Under several processes, adds every rank's aggregator state (a collective call)."""
+        """
+        Under several processes or ``ModelParallelStrategy``, adds every rank's aggregator state
+        (a collective call).
+        """
 
-        if _world_size() > 1:
-            states: list[Any] = [None] * _world_size()
+        if _world_size() > 1 or self._sharded_by_strategy():
             mine = {key: value.cpu() for key, value in self.aggregator.state_dict().items()}
-            dist.all_gather_object(states, mine)
+            states: list[Any] = [mine]
+            if _world_size() > 1:
+                states = [None] * _world_size()
+                dist.all_gather_object(states, mine)
             checkpoint[_STATES_BY_RANK] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Puts this rank's aggregator state in the ``state_dict`` about to be loaded."""
+        """
+        Puts this rank's aggregator state in the ``state_dict`` about to be loaded, or, under
+        ``ModelParallelStrategy`` (which loaded the model already), loads it.
+        """
 
         states = checkpoint.get(_STATES_BY_RANK)
         if states is None:
@@ -157,18 +183,30 @@ class MultiTaskModule(LightningModule):
                 f"The checkpoint holds the aggregator states of {len(states)} processes; this run "
                 f"has {_world_size()}: the aggregator's per-rank state resumes on the same number."
             )
-        model_state = checkpoint["state_dict"]
+        mine = states[dist.get_rank() if _world_size() > 1 else 0]
+        model_state = checkpoint.get("state_dict")
+        if model_state is None:  # ModelParallelStrategy loaded the model before this hook
+            self.aggregator.load_state_dict(mine)
+            return
         for key in [key for key in model_state if key.startswith("aggregator.")]:
             del model_state[key]
-        mine = states[dist.get_rank()]
         model_state.update({f"aggregator.{key}": value for key, value in mine.items()})
 
     def _trained_module(self) -> nn.Module:
-        """The module the strategy runs: the ``DistributedDataParallel`` one under ``"ddp"``."""
+        """
+        The module the strategy runs: the ``DistributedDataParallel`` one under ``"ddp"``, this
+        one (``fully_shard``-ed in ``configure_model``) under ``ModelParallelStrategy``.
+        """
 
         trainer = self._trainer
         model = None if trainer is None else trainer.strategy.model
         return model if isinstance(model, nn.Module) else self
+
+    def _sharded_by_strategy(self) -> bool:
+        """Whether the trainer runs ``ModelParallelStrategy`` (its checkpoints: see __init__)."""
+
+        trainer = self._trainer
+        return trainer is not None and isinstance(trainer.strategy, ModelParallelStrategy)
 
     def optimizer_step(
         self,
@@ -210,6 +248,24 @@ def _taking_task_losses(training_step: Callable[..., Any]) -> Callable[..., Any]
 
     wrapped._takes_task_losses = True  # type: ignore[attr-defined]
     return wrapped
+
+
+def _without_aggregator_state(
+    module: MultiTaskModule, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """Under ``ModelParallelStrategy``, the model's state without the aggregator's."""
+
+    if module._sharded_by_strategy():
+        for key in [key for key in state_dict if key.startswith(f"{prefix}aggregator.")]:
+            del state_dict[key]
+
+
+def _aggregator_state_not_missing(module: MultiTaskModule, incompatible: Any) -> None:
+    """Under ``ModelParallelStrategy``, the aggregator's state is loaded from its own entry."""
+
+    if module._sharded_by_strategy():
+        missing = incompatible.missing_keys
+        missing[:] = [key for key in missing if not key.startswith("aggregator.")]
 
 
 def _world_size() -> int:

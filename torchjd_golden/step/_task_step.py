@@ -12,7 +12,7 @@ here imports a trainer.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,17 @@ from ..monitoring._conflict_monitor import ConflictMonitor
 from ..monitoring._recorder import DiagnosticsRecorder, check_recorder, hook_recorder
 from ..monitoring._weighting_calls import weight_scalars
 from ._engine import JacobianDescent
+from ._parameters import SharedParameters
 from ._sharded import GramianSource, check_gramian_source
+
+SharedModules = (
+    str | Sequence[str] | nn.Module | Callable[[nn.Module], nn.Module | Iterable[Tensor]] | None
+)
+"""
+The trainers' ``shared`` argument: ``None`` (found from the features at each step), the name of
+a submodule or a sequence of names (``"trunk"``), a submodule, or a callable that takes the model
+and returns a submodule or parameters; resolved on the model when the step is bound.
+"""
 
 
 @dataclass(frozen=True)
@@ -115,14 +125,15 @@ def attach_diagnostics(
 class JacobianStep:
     """
     Jacobian descent inside a trainer, on the step engine
-    (:class:`~torchjd_golden.JacobianDescent` with ``shared="features"``): each micro-batch is
-    accumulated, one aggregation per optimizer step (so an aggregator that accumulates, then
-    resolves, such as GCond, sees the whole step), the task names given to the aggregator, and the
-    loss scale of a ``GradScaler`` taken out as :func:`~torchjd_golden.with_grad_scaler` does.
+    (:class:`~torchjd_golden.JacobianDescent`, the shared parameters named or found from the
+    features): each micro-batch is accumulated, one aggregation per optimizer step (so an
+    aggregator that accumulates, then resolves, such as GCond, sees the whole step), the task
+    names given to the aggregator, and the loss scale of a ``GradScaler`` taken out as
+    :func:`~torchjd_golden.with_grad_scaler` does.
 
     The module given to :meth:`bind` (or :meth:`backward`) is the one the trainer runs: under
     data parallelism the ``DistributedDataParallel`` module, whose ranks then step as one process
-    on the global batch.
+    on the global batch; under FSDP2 the ``fully_shard``-ed model, which needs ``shared``.
 
     :param aggregator: The aggregator, or a name or config for
         :func:`~torchjd_golden.aggregator_from_config`.
@@ -133,6 +144,9 @@ class JacobianStep:
         names at each step.
     :param gramian_from: The engine's source of the weights, ``"parameters"`` (exact) or
         ``"features"`` (the feature Gramian, then one ordinary backward pass).
+    :param shared: The shared parameters (``SharedModules``): ``None`` finds them from the
+        features; a submodule's name, names, or a callable of the model name them, which FSDP2
+        needs (its graph holds unsharded parameters that no search can map back).
     """
 
     def __init__(
@@ -140,10 +154,13 @@ class JacobianStep:
         aggregator: object,
         diagnostics: bool | DiagnosticsRecorder = False,
         gramian_from: GramianSource = "parameters",
+        shared: SharedModules = None,
     ) -> None:
         self.aggregator = build_aggregator(aggregator)
         check_gramian_source(self.aggregator, gramian_from)
+        check_shared_modules(shared)
         self.gramian_from: GramianSource = gramian_from
+        self.shared = shared
         self.tasks: tuple[Hashable, ...] | None = None
         self.last_weights: Tensor | None = None
         self.aggregated = False  # whether the last resolve aggregated (had a backward pass)
@@ -204,7 +221,10 @@ class JacobianStep:
 
         if self.engine is None or self.engine.module is not module:
             self.engine = JacobianDescent(
-                module, self.aggregator, shared="features", gramian_from=self.gramian_from
+                module,
+                self.aggregator,
+                shared=resolve_shared_modules(self.shared, module),
+                gramian_from=self.gramian_from,
             )
         return self.engine
 
@@ -232,6 +252,47 @@ class JacobianStep:
         alpha = getattr(self.aggregator, "alpha", None)
         alpha = alpha if isinstance(alpha, Tensor) else None
         return weight_scalars(self.last_weights, self.tasks, alpha)
+
+
+def check_shared_modules(shared: object) -> None:
+    """Refuses a ``shared`` argument that is not one of ``SharedModules``."""
+
+    names = [shared] if isinstance(shared, str) else shared
+    if shared is None or callable(shared):
+        return
+    if isinstance(names, Sequence) and names and all(isinstance(n, str) for n in names):
+        return
+    raise TypeError(
+        "Parameter `shared` must be None (found from the features), a submodule or its name, "
+        f"a non-empty sequence of names, or a callable of the model. Found {shared!r}."
+    )
+
+
+def resolve_shared_modules(shared: SharedModules, module: nn.Module) -> SharedParameters:
+    """
+    The engine's ``shared`` for the model ``module`` (inside its ``DistributedDataParallel``
+    wrapper, if any): ``"features"`` for ``None``, else the parameters ``shared`` names.
+    """
+
+    if shared is None:
+        return "features"
+    if isinstance(shared, nn.Module):  # listed now, after the trainer's wrapping or sharding
+        return shared
+    model = module.module if isinstance(module, DistributedDataParallel) else module
+    if callable(shared):
+        return shared(model)
+    names = [shared] if isinstance(shared, str) else list(shared)
+    parameters: list[Tensor] = []
+    for name in names:
+        try:
+            submodule = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(
+                f"Parameter `shared` names {name!r}, which is not a submodule of the model "
+                f"{type(model).__name__}: {error}"
+            ) from None
+        parameters.extend(submodule.parameters())
+    return parameters
 
 
 def _detaches_outputs(module: nn.Module) -> bool:
