@@ -156,6 +156,25 @@ def test_a_shared_name_that_is_no_submodule_is_named() -> None:
         step.bind(model)
 
 
+def test_the_source_of_the_weights_may_be_in_the_aggregators_config() -> None:
+    """
+    A trainer configured from one file gives ``gramian_from`` beside the method; given twice,
+    differently, it is refused.
+    """
+
+    config = {"name": "golden_pendulum", "lam": 2.0, "gramian_from": "features"}
+    step = JacobianStep(config)
+    assert step.gramian_from == "features"
+    assert isinstance(step.aggregator, GoldenPendulum)
+    assert step.aggregator.lam == 2.0
+    assert config["gramian_from"] == "features"  # the user's config is left as it was
+    assert JacobianStep({"name": "gcond"}).gramian_from == "parameters"
+    with pytest.raises(ValueError, match="give it once"):
+        JacobianStep({"name": "golden_pendulum", "gramian_from": "parameters"}, False, "features")
+    with pytest.raises(ValueError, match="gramian_from"):  # a Jacobian weighting has no features
+        JacobianStep({"name": "gcond", "gramian_from": "features"})
+
+
 def test_golden_pendulum_adds_alpha_to_the_scalars() -> None:
     step = JacobianStep("golden_pendulum")
     model, losses = _losses()

@@ -85,7 +85,8 @@ class MultiTaskTrainer(Trainer):
         Gramian (the one the aggregation computed: no extra backward pass); or a recorder to
         attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
         object with a ``record(gramian, weights=None, *, tasks=None)`` method.
-    :param gramian_from: The engine's source of the weights: ``"parameters"`` (exact) or
+    :param gramian_from: The engine's source of the weights (also a key of a mapping
+        ``aggregator`` config): ``"parameters"`` (exact) or
         ``"features"`` (the Gramian of the gradients with respect to the model's ``features``,
         then one ordinary backward pass; Gramian weightings only).
     :param args: The positional and keyword arguments of :class:`transformers.Trainer`.

@@ -93,7 +93,8 @@ class MultiTaskModule(LightningModule):
         attach the same way: a :class:`~torchjd_golden.ConflictMonitor` of your own, or any
         object with a ``record(gramian, weights=None, *, tasks=None)`` method.
     :param log_weights: Whether to log the weights through ``self.log``.
-    :param gramian_from: The engine's source of the weights: ``"parameters"`` (exact) or
+    :param gramian_from: The engine's source of the weights (also a key of a mapping
+        ``aggregator`` config): ``"parameters"`` (exact) or
         ``"features"`` (the Gramian of the gradients with respect to the features of
         :class:`TaskLosses`, then one ordinary backward pass; Gramian weightings only).
     :param shared: The shared parameters: ``None`` (found at each step from the features, or

@@ -60,6 +60,25 @@ class TaskLosses:
     features: Tensor | Sequence[Tensor] | None = None
 
 
+def configured_source(spec: object, gramian_from: GramianSource) -> tuple[object, GramianSource]:
+    """
+    The aggregator's spec and the step's source of the weights: a mapping config may carry the
+    source beside the method (``{"name": "golden_pendulum", "gramian_from": "features"}``), for
+    trainers configured from one file; it agrees with ``gramian_from`` unless that is left at
+    ``"parameters"``, its default.
+    """
+
+    if not isinstance(spec, Mapping) or "gramian_from" not in spec:
+        return spec, gramian_from
+    configured = spec["gramian_from"]
+    if gramian_from not in ("parameters", configured):
+        raise ValueError(
+            f"The aggregator's config says gramian_from={configured!r} and the argument "
+            f"gramian_from={gramian_from!r}: give it once."
+        )
+    return {key: value for key, value in spec.items() if key != "gramian_from"}, configured
+
+
 def build_aggregator(spec: object) -> Aggregator:
     """``spec`` if it is an aggregator, else the one :func:`aggregator_from_config` builds."""
 
@@ -136,7 +155,8 @@ class JacobianStep:
     on the global batch; under FSDP2 the ``fully_shard``-ed model, which needs ``shared``.
 
     :param aggregator: The aggregator, or a name or config for
-        :func:`~torchjd_golden.aggregator_from_config`.
+        :func:`~torchjd_golden.aggregator_from_config`; a mapping config may also hold
+        ``gramian_from``.
     :param diagnostics: ``True`` for the diagnostics engine, or a recorder (an object with a
         ``record(gramian, weights=None, *, tasks=None)`` method, as
         :class:`~torchjd_golden.ConflictMonitor`), which then receives the Gramian the
@@ -156,7 +176,8 @@ class JacobianStep:
         gramian_from: GramianSource = "parameters",
         shared: SharedModules = None,
     ) -> None:
-        self.aggregator = build_aggregator(aggregator)
+        spec, gramian_from = configured_source(aggregator, gramian_from)
+        self.aggregator = build_aggregator(spec)
         check_gramian_source(self.aggregator, gramian_from)
         check_shared_modules(shared)
         self.gramian_from: GramianSource = gramian_from
