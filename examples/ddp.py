@@ -2,100 +2,27 @@
 Jacobian descent under DistributedDataParallel: ``--processes`` gloo processes on CPU train one
 model with :class:`~torchjd_golden.JacobianDescent`, each on its share of every batch, then one
 process trains on the whole batches; the two must agree (see docs/guides/training_at_scale.rst).
+The network, its batches and the run are in ``_data_parallel.py``, shared with ``fsdp2.py``.
 
 Run: ``python examples/ddp.py [--processes N] [--gramian-from {parameters,features}]``
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import Tensor, nn
+from _data_parallel import Network, run
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from torchjd_golden import GABA, JacobianDescent
 
-TASKS = ("price", "volume", "risk")
 
+def make_step(network: Network, rank: int | None, source: str) -> tuple[nn.Module, JacobianDescent]:
+    """Wraps the network in DDP (on several processes), then makes the step for the wrapped one."""
 
-class Network(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(16, 1) for _ in TASKS])
-
-    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        features = self.trunk(inputs)
-        scales = (100.0, 1.0, 0.01)  # losses of very different magnitudes
-        return features, {
-            name: scale * (head(features)[:, 0] - targets[:, k]).pow(2).mean()
-            for k, (name, scale, head) in enumerate(zip(TASKS, scales, self.heads, strict=True))
-        }
-
-
-def train(rank: int | None, processes: int, source: str, steps: int) -> list[Tensor]:
-    """Trains on the whole batches (``rank`` None) or on this rank's share of each."""
-
-    torch.manual_seed(0)
-    network = Network()
     model = network if rank is None else DistributedDataParallel(network)
     engine = JacobianDescent(model, GABA(warmup_steps=2), shared=network.trunk, gramian_from=source)
-    optimizer = torch.optim.SGD(network.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(1)  # the same batches in every process
-    for _ in range(steps):
-        inputs = torch.randn(32 * processes, 10, generator=generator)
-        targets = torch.stack([inputs[:, 0], inputs[:, 1] - inputs[:, 0], inputs[:, 2]], dim=1)
-        if rank is not None:
-            share = slice(rank * 32, (rank + 1) * 32)
-            inputs, targets = inputs[share], targets[share]
-        features, losses = model(inputs, targets)
-        engine.backward(losses, features=features)
-        optimizer.step()
-        optimizer.zero_grad()
-    return [p.detach().clone() for p in network.parameters()]
-
-
-def worker(rank: int, init: str, output: str, processes: int, source: str, steps: int) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=processes)
-    try:
-        parameters = train(rank, processes, source, steps)
-        if rank == 0:
-            torch.save(parameters, output)
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--gramian-from", choices=("parameters", "features"), default="parameters")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as directory:
-        output = os.path.join(directory, "parameters.pt")
-        mp.spawn(
-            worker,
-            args=(
-                os.path.join(directory, "init"), output, args.processes, args.gramian_from,
-                args.steps,
-            ),
-            nprocs=args.processes,
-        )  # fmt: skip
-        distributed = torch.load(output, weights_only=True)
-    alone = train(None, args.processes, args.gramian_from, args.steps)
-    difference = max(
-        float((p - q).abs().max() / q.abs().max()) for p, q in zip(distributed, alone, strict=True)
-    )
-    print(f"DDP, gramian_from={args.gramian_from!r}, {args.steps} steps of GABA")
-    print(f"processes: {args.processes}, one process: max relative difference {difference:.1e}")
+    return model, engine
 
 
 if __name__ == "__main__":
-    main()
+    run(__doc__.split("\n\n")[0], "DDP", make_step)

@@ -2,49 +2,26 @@
 Jacobian descent on an FSDP2 model: ``--processes`` gloo processes on CPU train one
 ``fully_shard``-ed model with :class:`~torchjd_golden.JacobianDescent` (each rank holds a shard of
 every parameter and its share of every batch), then one process trains on the whole batches; the
-two must agree (see docs/guides/training_at_scale.rst).
+two must agree (see docs/guides/training_at_scale.rst). The network, its batches and the run are
+in ``_data_parallel.py``, shared with ``ddp.py``.
 
 Run: ``python examples/fsdp2.py [--processes N] [--gramian-from {parameters,features}]``
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import tempfile
-
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import Tensor, nn
+from _data_parallel import Network, run
+from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from torchjd_golden import GABA, JacobianDescent
 
-TASKS = ("price", "volume", "risk")
 
+def make_step(network: Network, rank: int | None, source: str) -> tuple[nn.Module, JacobianDescent]:
+    """Shards each layer of the trunk, each head and the root (on several processes), then makes
+    the step for the sharded network."""
 
-class Network(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
-        self.heads = nn.ModuleList([nn.Linear(16, 1) for _ in TASKS])
-
-    def forward(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        features = self.trunk(inputs)
-        scales = (100.0, 1.0, 0.01)  # losses of very different magnitudes
-        return features, {
-            name: scale * (head(features)[:, 0] - targets[:, k]).pow(2).mean()
-            for k, (name, scale, head) in enumerate(zip(TASKS, scales, self.heads, strict=True))
-        }
-
-
-def train(rank: int | None, processes: int, source: str, steps: int) -> list[Tensor]:
-    """Trains on the whole batches (``rank`` None) or on this rank's share of each."""
-
-    torch.manual_seed(0)
-    network = Network()
-    if rank is not None:  # a shard of each layer of the trunk, of each head, and the root
+    if rank is not None:
         for module in (*network.trunk, *network.heads):
             if isinstance(module, nn.Linear):
                 fully_shard(module)
@@ -52,58 +29,8 @@ def train(rank: int | None, processes: int, source: str, steps: int) -> list[Ten
     engine = JacobianDescent(
         network, GABA(warmup_steps=2), shared=network.trunk, gramian_from=source
     )
-    optimizer = torch.optim.SGD(network.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(1)  # the same batches in every process
-    for _ in range(steps):
-        inputs = torch.randn(32 * processes, 10, generator=generator)
-        targets = torch.stack([inputs[:, 0], inputs[:, 1] - inputs[:, 0], inputs[:, 2]], dim=1)
-        if rank is not None:
-            share = slice(rank * 32, (rank + 1) * 32)
-            inputs, targets = inputs[share], targets[share]
-        features, losses = network(inputs, targets)
-        engine.backward(losses, features=features)
-        optimizer.step()
-        optimizer.zero_grad()
-    # An FSDP2 parameter is this rank's shard: gather it whole (a collective on every rank).
-    return [getattr(p, "full_tensor", p.detach)().detach().clone() for p in network.parameters()]
-
-
-def worker(rank: int, init: str, output: str, processes: int, source: str, steps: int) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=processes)
-    try:
-        parameters = train(rank, processes, source, steps)
-        if rank == 0:
-            torch.save(parameters, output)
-        dist.barrier()  # neither rank tears the group down while the other still uses it
-    finally:
-        dist.destroy_process_group()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--gramian-from", choices=("parameters", "features"), default="parameters")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    with tempfile.TemporaryDirectory() as directory:
-        output = os.path.join(directory, "parameters.pt")
-        mp.spawn(
-            worker,
-            args=(
-                os.path.join(directory, "init"), output, args.processes, args.gramian_from,
-                args.steps,
-            ),
-            nprocs=args.processes,
-        )  # fmt: skip
-        distributed = torch.load(output, weights_only=True)
-    alone = train(None, args.processes, args.gramian_from, args.steps)
-    difference = max(
-        float((p - q).abs().max() / q.abs().max()) for p, q in zip(distributed, alone, strict=True)
-    )
-    print(f"FSDP2, gramian_from={args.gramian_from!r}, {args.steps} steps of GABA")
-    print(f"processes: {args.processes}, one process: max relative difference {difference:.1e}")
+    return network, engine
 
 
 if __name__ == "__main__":
-    main()
+    run(__doc__.split("\n\n")[0], "FSDP2", make_step)
