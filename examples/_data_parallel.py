@@ -1,14 +1,17 @@
 """
-What ``ddp.py`` and ``fsdp2.py`` share: a small multi-task network, its batches, and the run that
-trains it on ``--processes`` gloo processes (each on its share of every batch), then on one
-process on the whole batches, and prints how far apart the two end. Each example gives only how
-it wraps the network and makes its :class:`~torchjd_golden.JacobianDescent`.
+What the multi-process examples share. For ``ddp.py`` and ``fsdp2.py``: a small multi-task
+network, its batches, and the run that trains it on ``--processes`` gloo processes (each on its
+share of every batch), then on one process on the whole batches, and prints how far apart the two
+end (each example gives only how it wraps the network and makes its
+:class:`~torchjd_golden.JacobianDescent`). For the trainer examples: a free port, the environment
+torchrun gives a process, and the difference of two runs over the whole model.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -104,3 +107,25 @@ def run(description: str, layout: str, make_step: MakeStep) -> None:
     )
     print(f"{layout}, gramian_from={args.gramian_from!r}, {args.steps} steps of GABA")
     print(f"processes: {args.processes}, one process: max relative difference {difference:.1e}")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def as_torchrun_process(rank: int, processes: int, port: int) -> None:
+    """Gives this process the environment torchrun would (gloo on 127.0.0.1)."""
+
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+
+
+def max_relative_difference(first: list[Tensor], second: list[Tensor]) -> float:
+    """Over the whole model: max |a - b| / max |b|."""
+
+    a, b = (torch.cat([t.reshape(-1) for t in tensors]) for tensors in (first, second))
+    return float((a - b).abs().max() / b.abs().max())

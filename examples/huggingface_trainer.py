@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _data_parallel import as_torchrun_process, free_port, max_relative_difference
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel, BertPreTrainedModel, TrainingArguments
 from transformers.utils import logging as transformers_logging
@@ -195,10 +195,7 @@ def worker(rank: int, args: argparse.Namespace, output: Path, port: int) -> None
     """One of the processes, with the environment torchrun would give it."""
 
     quiet()
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.processes),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-    )  # fmt: skip
+    as_torchrun_process(rank, args.processes, port)
     result = train_and_resume(args, output, args.processes)
     torch.save(result, output / f"rank{rank}.pt")
     dist.barrier()
@@ -208,19 +205,6 @@ def worker(rank: int, args: argparse.Namespace, output: Path, port: int) -> None
 def quiet() -> None:
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def max_relative_difference(first: list[Tensor], second: list[Tensor]) -> float:
-    """Over the whole model: max |a - b| / max |b|."""
-
-    a, b = (torch.cat([t.reshape(-1) for t in tensors]) for tensors in (first, second))
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def main() -> None:

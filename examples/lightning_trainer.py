@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import tempfile
 import warnings
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _data_parallel import as_torchrun_process, free_port, max_relative_difference
 from lightning import Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -145,10 +145,8 @@ def worker(rank: int, args: argparse.Namespace, output: Path, port: int) -> None
     """One of the processes, with the environment torchrun would give it."""
 
     quiet()
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.processes), NODE_RANK="0",
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-    )  # fmt: skip
+    as_torchrun_process(rank, args.processes, port)
+    os.environ["NODE_RANK"] = "0"  # Lightning's
     result = fit_and_resume(args, output, args.processes)
     torch.save(result, output / f"rank{rank}.pt")
     dist.barrier()
@@ -159,19 +157,6 @@ def quiet() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def max_relative_difference(first: list[Tensor], second: list[Tensor]) -> float:
-    """Over the whole model: max |a - b| / max |b|."""
-
-    a, b = (torch.cat([t.reshape(-1) for t in tensors]) for tensors in (first, second))
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def main() -> None:
