@@ -36,6 +36,7 @@ from ._sharded import (
     call_capturing_weights,
     check_gramian_source,
     column_split,
+    give_mean_step_inputs,
     gramian_weighting_of,
 )
 
@@ -276,7 +277,9 @@ class JacobianDescent:
         aggregator = self._aggregator_in_use()
         if column_split(aggregator) == "whole":
             self._ranks.all_reduce(jacobian).div_(self._ranks.size)
-            self._give_mean_step_inputs()
+            give_mean_step_inputs(
+                self._ranks, self.aggregator, self._step.tasks, self._step.loss_sum
+            )
             update, weights = call_capturing_weights(aggregator, jacobian)
         else:
             blocks = ColumnBlocks(self._ranks, jacobian.shape[1])
@@ -365,15 +368,6 @@ class JacobianDescent:
         if self._scaled is None or self._scaled[0] is not scaler:
             self._scaled = (scaler, with_grad_scaler(self.aggregator, scaler))
         return self._scaled[1]
-
-    def _give_mean_step_inputs(self) -> None:
-        """The step's task names and its losses, averaged over the ranks, to the aggregator."""
-
-        losses = self._step.loss_sum
-        reads_losses = hasattr(type(self.aggregator), "losses")
-        if losses is not None and self._ranks is not None and reads_losses:
-            losses = self._ranks.all_reduce(losses.clone()) / self._ranks.size
-        set_step_inputs(self.aggregator, self._step.tasks, losses)
 
     def _clear_step(self) -> None:
         self._step = _Step()

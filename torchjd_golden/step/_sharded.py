@@ -114,17 +114,29 @@ def aggregate_block(
         gramian_weights = weighting(gramian)
         return combine_rows(gramian_weights, block), gramian_weights
 
-    mean_losses = None
-    if reads_losses:
-        assert losses is not None
-        mean_losses = ranks.all_reduce(losses.clone()) / ranks.size
-    _give_step_inputs(inputs_of, tasks, mean_losses)
+    give_mean_step_inputs(ranks, inputs_of, tasks, losses)
     if split == "blocks":
         with column_blocks(ranks.all_reduce_rows):
             return call_capturing_weights(aggregator, block)
     whole, offset = ranks.all_gather_columns(block)
     update, weights = call_capturing_weights(aggregator, whole)
     return update[offset : offset + block.shape[1]], weights
+
+
+def give_mean_step_inputs(
+    ranks: RankGroup,
+    inputs_of: Aggregator | None,
+    tasks: tuple[Hashable, ...] | None,
+    losses: Tensor | None,
+) -> None:
+    """
+    Gives ``inputs_of`` the step's task names and, if it reads them, ``losses`` (this rank's)
+    averaged over the ranks: one all-reduce of :math:`m` numbers, only for such an aggregator.
+    """
+
+    if losses is not None and hasattr(type(inputs_of), "losses"):
+        losses = ranks.all_reduce(losses.clone()) / ranks.size
+    _give_step_inputs(inputs_of, tasks, losses)
 
 
 def _give_step_inputs(
