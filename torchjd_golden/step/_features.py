@@ -66,11 +66,8 @@ def _batched_gradients(
 ) -> tuple[Tensor | None, ...]:
     """Per feature tensor, the ``[m, *shape]`` gradients of the losses: one vectorised pass."""
 
-    m = len(losses)
-    basis = [
-        torch.zeros(m, dtype=loss.dtype, device=loss.device).index_fill_(0, torch.tensor(k), 1)
-        for k, loss in enumerate(losses)
-    ]
+    identity = torch.eye(len(losses), dtype=losses[0].dtype, device=losses[0].device)
+    basis = [identity[k].to(loss.dtype) for k, loss in enumerate(losses)]
     return torch.autograd.grad(
         list(losses),
         list(features),
